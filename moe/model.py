@@ -1,0 +1,232 @@
+"""Qwen2 decoder whose MLP is dense or a fine-grained mixture of experts, layer by layer.
+
+Shape legend: B batch, L sequence, H hidden, N query heads, G key/value heads, D head dim, V vocab,
+T = B*L tokens.
+
+Design choices:
+- Numerics follow transformers' Qwen2 / Qwen2-MoE exactly in fp32 (RMSNorm in fp32, RoPE tables in
+  fp32, SDPA attention), so checkpoints move between the two without drift.
+- Model code is single-device. Expert parallelism, ZeRO and activation checkpointing policy are
+  applied from outside (train/); the only hook here is `gradient_checkpointing`.
+- `forward` returns the router decisions of every MoE layer, never stores them in globals: the
+  trainer forms the losses and the expert-load metrics from them.
+- Targets are aligned with the inputs (a packed block of L+1 tokens gives inputs [:-1], targets [1:]);
+  -100 marks positions without a loss.
+- Build on the meta device and call `init_weights()` after `to_empty()` to size large models cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from moe.config import ModelConfig
+from moe.layer import MoEBlock, SwiGLU
+from moe.losses import BalanceStats, balance_stats, load_balancing_loss, z_loss
+from moe.router import RouterOutput
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids_BL: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables [B, L, D], computed in fp32 then cast (as transformers does)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs_BLd = position_ids_BL[..., None].float() * inv_freq.to(position_ids_BL.device)
+    emb_BLD = torch.cat((freqs_BLd, freqs_BLd), dim=-1)
+    return emb_BLD.cos().to(dtype), emb_BLD.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x_BNLD: torch.Tensor, cos_BLD: torch.Tensor, sin_BLD: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_BLD[:, None], sin_BLD[:, None]
+    return x_BNLD * cos + _rotate_half(x_BNLD) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v bias (Qwen2), causal, through SDPA."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=True)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x_BLH, cos_BLD, sin_BLD, mask_B1LL: torch.Tensor | None) -> torch.Tensor:
+        b, seq, _ = x_BLH.shape
+        q_BNLD = self.q_proj(x_BLH).view(b, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k_BGLD = self.k_proj(x_BLH).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v_BGLD = self.v_proj(x_BLH).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_BNLD, k_BGLD = apply_rope(q_BNLD, cos_BLD, sin_BLD), apply_rope(k_BGLD, cos_BLD, sin_BLD)
+        out_BNLD = F.scaled_dot_product_attention(
+            q_BNLD, k_BGLD, v_BGLD, attn_mask=mask_B1LL, is_causal=mask_B1LL is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out_BNLD.transpose(1, 2).reshape(b, seq, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: MoEBlock | SwiGLU = (
+            MoEBlock(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        )
+
+    def forward(self, x_BLH, cos_BLD, sin_BLD, mask_B1LL) -> tuple[torch.Tensor, RouterOutput | None]:
+        x_BLH = x_BLH + self.self_attn(self.input_layernorm(x_BLH), cos_BLD, sin_BLD, mask_B1LL)
+        h_BLH = self.post_attention_layernorm(x_BLH)
+        if isinstance(self.mlp, MoEBlock):
+            y_BLH, router = self.mlp(h_BLH)
+            return x_BLH + y_BLH, router
+        return x_BLH + self.mlp(h_BLH), None
+
+
+class Qwen2Backbone(nn.Module):
+    """HF's `model.` prefix: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, L, V] in the model dtype."""
+    loss: torch.Tensor | None = None
+    """ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (when targets are given)."""
+    ce_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    """Unscaled load-balancing loss pooled over MoE layers (transformers' `aux_loss`)."""
+    z_loss: torch.Tensor | None = None
+    routers: list[RouterOutput] = field(default_factory=list)
+    """One entry per MoE layer, in layer order."""
+    balance: list[BalanceStats] = field(default_factory=list)
+    """Load-balancing statistics per MoE layer (padding excluded)."""
+
+
+def attention_mask_4d(attention_mask_BL: torch.Tensor | None, document_ids_BL: torch.Tensor | None,
+                      seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean [B, 1, L, L] mask (True = attend), or None for plain causal attention.
+
+    A query always sees itself, so rows of padding never become all-masked (NaN in SDPA).
+    """
+    if attention_mask_BL is None and document_ids_BL is None:
+        return None
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask_BL is not None:
+        allowed = allowed & attention_mask_BL.bool()[:, None, None, :]
+    if document_ids_BL is not None:
+        allowed = allowed & (document_ids_BL[:, None, :, None] == document_ids_BL[:, None, None, :])
+    return allowed | torch.eye(seq_len, dtype=torch.bool, device=device)
+
+
+class Qwen2MoEForCausalLM(nn.Module):
+    """Dense Qwen2 when `cfg.num_experts == 0`, Qwen2-MoE otherwise."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.model = Qwen2Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """transformers' init: N(0, initializer_range) for matrices, zeros for biases, ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if isinstance(module, RMSNorm):
+                    p.fill_(1.0)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+            if hasattr(module, "selection_bias"):
+                module.selection_bias.zero_()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits, router decisions and (with `targets`) the training loss.
+
+        Args:
+            input_ids: [B, L] token ids.
+            attention_mask: [B, L], 1 for real tokens and 0 for padding; excluded from the balance loss.
+            position_ids: [B, L] RoPE positions (default 0..L-1; packed data may restart them per document).
+            document_ids: [B, L] restrict attention to tokens of the same document (packed sequences).
+            targets: [B, L] next-token ids aligned with `input_ids`; -100 is ignored.
+        """
+        cfg = self.config
+        b, seq = input_ids.shape
+        x_BLH = self.model.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device).expand(b, seq)
+        cos_BLD, sin_BLD = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, x_BLH.dtype)
+        mask_B1LL = attention_mask_4d(attention_mask, document_ids, seq, input_ids.device)
+
+        routers: list[RouterOutput] = []
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x_BLH, router = checkpoint(layer, x_BLH, cos_BLD, sin_BLD, mask_B1LL, use_reentrant=False)
+            else:
+                x_BLH, router = layer(x_BLH, cos_BLD, sin_BLD, mask_B1LL)
+            if router is not None:
+                routers.append(router)
+        logits_BLV = self.lm_head(self.model.norm(x_BLH))
+
+        out = ModelOutput(logits=logits_BLV, routers=routers)
+        mask_T = attention_mask.reshape(-1) if attention_mask is not None else None
+        if routers:
+            out.balance = [balance_stats(r, mask_T) for r in routers]
+            out.aux_loss = load_balancing_loss(out.balance)
+            out.z_loss = z_loss(routers, mask_T)
+        if targets is not None:
+            out.ce_loss = F.cross_entropy(
+                logits_BLV.float().reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            out.loss = out.ce_loss
+            if routers:
+                assert out.aux_loss is not None and out.z_loss is not None
+                out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
+        return out
+
+    def num_params(self) -> int:
+        """Unique parameters of the built module (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,402 @@
+"""Hugging Face interop: read Qwen2 / Qwen2-MoE checkpoint directories, write them back.
+
+Design choices:
+- Both directions stream tensor by tensor: reading goes through `safe_open` (memory-mapped), writing
+  through `ShardedWriter`, which flushes a shard as soon as it is full. A 14B checkpoint never sits in
+  memory at once.
+- Routed experts are 3-D in memory (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`) and per-expert on
+  disk (`mlp.experts.E.{gate,up,down}_proj.weight`), the public Qwen1.5-MoE-A2.7B layout and the only
+  one that transformers 4.x and 5.x both read. 5.x's fused keys are accepted on input.
+- A checkpoint directory is written under a temporary name and renamed when complete, so an
+  interrupted write never leaves something that looks like a checkpoint.
+- Every mismatch is a ValueError naming the file, the key and both shapes, raised before any output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moe.config import ModelConfig
+
+CONFIG_NAME = "config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is unknown; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_config(checkpoint_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """Our ModelConfig and the raw dict from `<dir>/config.json`."""
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    if not Path(checkpoint_dir).is_dir():
+        raise ValueError(f"checkpoint directory {checkpoint_dir} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: not a Hugging Face checkpoint directory")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return ModelConfig.from_hf_dict(raw, source=str(path)), raw
+
+
+class CheckpointReader:
+    """Lazy, memory-mapped access to the tensors of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, checkpoint_dir: str | Path):
+        self.dir = Path(checkpoint_dir)
+        index = self.dir / SAFE_INDEX_NAME
+        single = self.dir / SAFE_WEIGHTS_NAME
+        self.key_to_file: dict[str, Path] = {}
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no 'weight_map'")
+            for key, fname in weight_map.items():
+                self.key_to_file[key] = self.dir / fname
+            for f in set(self.key_to_file.values()):
+                if not f.is_file():
+                    raise ValueError(f"{f} is listed in {index} but missing")
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.key_to_file = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+        else:
+            if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
+                raise ValueError(f"{self.dir} holds pickle weights; only safetensors checkpoints are read")
+            raise ValueError(f"{self.dir} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
+        self._handles: dict[Path, Any] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def _handle(self, key: str) -> Any:
+        if key not in self.key_to_file:
+            raise ValueError(f"{self.dir}: key {key!r} is missing from the checkpoint")
+        path = self.key_to_file[key]
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(path, framework="pt")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise ValueError(f"{path}: cannot be read as safetensors ({e})") from None
+        return self._handles[path]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def get(self, key: str, expected_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor stored under `key`; with `expected_shape`, a ValueError naming both shapes on mismatch."""
+        if expected_shape is not None:
+            self.check_shape(key, expected_shape)
+        return self._handle(key).get_tensor(key)
+
+    def check_shape(self, key: str, expected: tuple[int, ...]) -> None:
+        got = self.shape(key)
+        if got != tuple(expected):
+            raise ValueError(
+                f"{self.key_to_file[key]}: tensor {key!r} has shape {list(got)} but the config implies {list(expected)}"
+            )
+
+
+# ---- key mapping ---------------------------------------------------------------------------------
+
+
+def expert_key(layer: int, expert: int, proj: str) -> str:
+    """Per-expert Hugging Face key, e.g. `model.layers.3.mlp.experts.17.gate_proj.weight`."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the per-expert Hugging Face layout with its shape, in a stable order."""
+    h, kv, v = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim, cfg.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.q_proj.bias": (h,),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "post_attention_layernorm.weight": (h,),
+        }
+        if cfg.is_moe_layer(i):
+            im, ish = cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                shapes |= {
+                    expert_key(i, e, "gate_proj"): (im, h),
+                    expert_key(i, e, "up_proj"): (im, h),
+                    expert_key(i, e, "down_proj"): (h, im),
+                }
+            if ish > 0:
+                shapes |= {
+                    p + "mlp.shared_expert.gate_proj.weight": (ish, h),
+                    p + "mlp.shared_expert.up_proj.weight": (ish, h),
+                    p + "mlp.shared_expert.down_proj.weight": (h, ish),
+                    p + "mlp.shared_expert_gate.weight": (1, h),
+                }
+        else:
+            f = cfg.intermediate_size
+            shapes |= {
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+            }
+    shapes["model.norm.weight"] = (h,)
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+def to_hf_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our parameter -> (HF key, tensor) pairs; 3-D experts are split per expert (views, no copies)."""
+    if name.endswith("mlp.experts.gate_up_proj"):
+        layer = int(name.split(".")[2])
+        inter = tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            yield expert_key(layer, e, "gate_proj"), tensor[e, :inter]
+            yield expert_key(layer, e, "up_proj"), tensor[e, inter:]
+    elif name.endswith("mlp.experts.down_proj"):
+        layer = int(name.split(".")[2])
+        for e in range(tensor.shape[0]):
+            yield expert_key(layer, e, "down_proj"), tensor[e]
+    elif name.endswith("mlp.gate.selection_bias"):
+        return  # aux-loss-free balancing state; transformers' Qwen2-MoE has no such tensor
+    else:
+        yield name, tensor
+
+
+def read_param(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Our parameter `name` of `shape`, assembled from the checkpoint (per-expert or fused layout)."""
+    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+        if name in reader:  # transformers 5.x fused layout (save_original_format=False)
+            return reader.get(name, shape)
+        layer = int(name.split(".")[2])
+        num_experts = shape[0]
+        if name.endswith("gate_up_proj"):
+            inter, h = shape[1] // 2, shape[2]
+            rows = [
+                torch.cat([reader.get(expert_key(layer, e, "gate_proj"), (inter, h)),
+                           reader.get(expert_key(layer, e, "up_proj"), (inter, h))])
+                for e in range(num_experts)
+            ]
+        else:
+            rows = [reader.get(expert_key(layer, e, "down_proj"), shape[1:]) for e in range(num_experts)]
+        return torch.stack(rows)
+    return reader.get(name, shape)
+
+
+def _accepted_hf_keys(cfg: ModelConfig) -> set[str]:
+    keys = set(expected_hf_shapes(cfg))
+    keys.add("lm_head.weight")  # also present (and ignored) in some tied checkpoints
+    for i in cfg.moe_layers:
+        p = f"model.layers.{i}.mlp."
+        keys |= {p + "experts.gate_up_proj", p + "experts.down_proj"}
+        if cfg.shared_expert_intermediate_size == 0:  # transformers writes 0-width shared experts
+            keys |= {p + f"shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
+            keys.add(p + "shared_expert_gate.weight")
+    return keys
+
+
+def load_hf_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Copy a Hugging Face checkpoint's tensors into `model` (already built for its config).
+
+    Raises:
+        ValueError: on a missing key, an unexpected key, or a shape that disagrees with the config.
+    """
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    reader = CheckpointReader(checkpoint_dir)
+    unexpected = sorted(set(reader.keys()) - _accepted_hf_keys(cfg))
+    if unexpected:
+        more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise ValueError(f"{checkpoint_dir}: unexpected keys for this config: {unexpected[:5]}{more}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            value = read_param(reader, name, tuple(param.shape))
+            param.copy_(value.to(param.dtype))
+
+
+def from_pretrained(checkpoint_dir: str | Path, dtype: str | torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
+    """Build our model from a Hugging Face Qwen2 / Qwen2-MoE directory (weights streamed, no double copy).
+
+    Args:
+        checkpoint_dir: directory with config.json and safetensors weights.
+        dtype: parameter dtype.
+        device: where the parameters live.
+        **overrides: ModelConfig fields to change (e.g. `expert_backend="torch"`).
+    """
+    from moe.model import Qwen2MoEForCausalLM
+
+    cfg, _ = read_config(checkpoint_dir)
+    cfg = cfg.replace(**overrides).validate()
+    with torch.device("meta"):
+        model = Qwen2MoEForCausalLM(cfg)
+    model.to_empty(device=device)
+    model.to(parse_dtype(dtype))
+    model.init_weights()  # buffers and anything not in the checkpoint get defined values
+    load_hf_weights(model, checkpoint_dir)
+    return model
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+
+class ShardedWriter:
+    """Writes `model-0000i-of-0000n.safetensors` shards and the index into a temporary directory.
+
+    Use as a context manager; `add()` tensors in order, they are written as soon as a shard is full.
+    On success the temporary directory is renamed to `out_dir`; on an exception it is deleted.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 overwrite: bool = False, dtype: torch.dtype | None = None):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
+            raise ValueError(f"output directory {self.out_dir} exists and is not empty (set overwrite=true)")
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        self.dtype = dtype
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def __enter__(self) -> ShardedWriter:
+        if self.tmp_dir.exists():
+            shutil.rmtree(self.tmp_dir)
+        self.tmp_dir.mkdir(parents=True)
+        return self
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._pending or any(key in s for s in self._shards):
+            raise ValueError(f"tensor {key!r} written twice")
+        t = tensor.detach()
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._pending[key] = t
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        # clone views so that each stored tensor owns exactly its bytes (safetensors refuses shared storage)
+        save_file({k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+                   for k, v in self._pending.items()}, str(self.tmp_dir / name), metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def write_json(self, name: str, obj: Any) -> None:
+        (self.tmp_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+    def copy_file(self, src: str | Path) -> None:
+        shutil.copy2(src, self.tmp_dir / Path(src).name)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            return
+        self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, keys in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp_dir / f"shard-{i:05d}.safetensors", self.tmp_dir / final)
+            weight_map |= {k: final for k in keys}
+        self.write_json(SAFE_INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        if self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            os.replace(self.out_dir, old)
+            os.replace(self.tmp_dir, self.out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(self.tmp_dir, self.out_dir)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    d = cfg.to_hf_dict(torch_dtype=dtype_name(dtype))
+    d["transformers_version"] = _transformers_version()
+    return d
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("transformers")
+    except Exception:  # transformers is optional for writing
+        return "5.0.0"
+
+
+def write_metadata(writer: ShardedWriter, cfg: ModelConfig, dtype: torch.dtype,
+                   tokenizer_dir: str | Path | None = None) -> None:
+    """config.json, generation_config.json and (if given) the tokenizer files of `tokenizer_dir`."""
+    writer.write_json(CONFIG_NAME, hf_config_dict(cfg, dtype))
+    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id") if getattr(cfg, k) is not None}
+    writer.write_json(GENERATION_CONFIG_NAME, {**gen, "transformers_version": _transformers_version()})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                writer.copy_file(Path(tokenizer_dir) / name)
+
+
+def save_pretrained(model: torch.nn.Module, out_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                    tokenizer_dir: str | Path | None = None) -> None:
+    """Write `model` as a Hugging Face checkpoint that transformers' `from_pretrained` loads."""
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    dt = parse_dtype(dtype)
+    with ShardedWriter(out_dir, max_shard_bytes, overwrite=overwrite, dtype=dt) as w:
+        write_metadata(w, cfg, dt, tokenizer_dir)
+        for name, param in model.named_parameters():
+            for key, t in to_hf_tensors(name, param):
+                w.add(key, t)

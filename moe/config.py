@@ -139,7 +139,9 @@ class ModelConfig:
             raise ValueError(f"model.intermediate_size must be positive, got {self.intermediate_size}")
         if self.is_moe:
             if self.moe_intermediate_size <= 0:
-                raise ValueError(f"model.moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
+                raise ValueError(
+                    f"model.moe_intermediate_size must be positive, got {self.moe_intermediate_size}"
+                )
             if self.shared_expert_intermediate_size < 0:
                 raise ValueError(
                     "model.shared_expert_intermediate_size must be >= 0 (0 disables the shared expert), "
@@ -176,7 +178,9 @@ class ModelConfig:
         norms = 2 * h
         dense_mlp = 3 * h * self.intermediate_size
         expert = 3 * h * self.moe_intermediate_size
-        shared = 3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0
+        shared = (
+            3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0
+        )
         router = self.num_experts * h
         total = active = 0
         for i in range(self.num_hidden_layers):

@@ -33,7 +33,9 @@ class DispatchPlan:
     num_tokens: int
 
 
-def permute(x_TH: torch.Tensor, experts_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, DispatchPlan]:
+def permute(
+    x_TH: torch.Tensor, experts_TK: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, DispatchPlan]:
     """Copy each token once per selected expert, rows grouped by expert id (stable within an expert)."""
     top_k = experts_TK.shape[1]
     flat_S = experts_TK.reshape(-1)
@@ -87,7 +89,9 @@ class ExpertParallel:
             raise ValueError(f"num_experts={num_experts} is not divisible by ep_size={self.world}")
         self.num_local = num_experts // self.world
 
-    def dispatch(self, x_SH: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, _EPContext]:
+    def dispatch(
+        self, x_SH: torch.Tensor, counts_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, _EPContext]:
         """Returns this rank's rows grouped by local expert, their counts per local expert, and a context."""
         counts_WL = counts_E.view(self.world, self.num_local)
         recv_WL = torch.empty_like(counts_WL)

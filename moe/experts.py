@@ -54,7 +54,9 @@ def resolve_backend(backend: ExpertBackend | str) -> ExpertBackend:
         if not torch.cuda.is_available():
             raise ValueError("model.expert_backend=megablocks needs CUDA; use expert_backend=torch on CPU")
         if not megablocks_available():
-            raise ValueError(f"model.expert_backend=megablocks: megablocks/grouped_gemm not installed; {MEGABLOCKS_INSTALL_HINT}")
+            raise ValueError(
+                f"model.expert_backend=megablocks: megablocks/grouped_gemm not installed; {MEGABLOCKS_INSTALL_HINT}"
+            )
     return backend
 
 
@@ -135,7 +137,9 @@ class _MegablocksPlan:
 class RoutedExperts(nn.Module):
     """E fine-grained SwiGLU experts computed dropless by the selected backend."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, backend: ExpertBackend | str):
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, backend: ExpertBackend | str
+    ):
         super().__init__()
         self.num_experts = num_experts  # global count; this module may hold a slice (expert parallel)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -148,7 +152,9 @@ class RoutedExperts(nn.Module):
     def ops(self) -> Any:
         if self._ops is None:
             resolved = resolve_backend(self.backend)
-            self._ops = MegablocksOps(self.num_experts) if resolved is ExpertBackend.megablocks else TorchOps()
+            self._ops = (
+                MegablocksOps(self.num_experts) if resolved is ExpertBackend.megablocks else TorchOps()
+            )
         return self._ops
 
     def forward(self, x_TH: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:

@@ -43,9 +43,17 @@ TOKENIZER_FILES = (
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
-_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+_EXPERT_KEY = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -82,6 +90,7 @@ class CheckpointReader:
         index = self.dir / SAFE_INDEX_NAME
         single = self.dir / SAFE_WEIGHTS_NAME
         self.key_to_file: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map")
             if not isinstance(weight_map, dict):
@@ -92,13 +101,11 @@ class CheckpointReader:
                 if not f.is_file():
                     raise ValueError(f"{f} is listed in {index} but missing")
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                self.key_to_file = {k: single for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
+            self.key_to_file = dict.fromkeys(self._open(single).keys(), single)
         else:
             if any(self.dir.glob("*.bin")) or any(self.dir.glob("*.pt")):
                 raise ValueError(f"{self.dir} holds pickle weights; only safetensors checkpoints are read")
             raise ValueError(f"{self.dir} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}")
-        self._handles: dict[Path, Any] = {}
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
@@ -109,7 +116,9 @@ class CheckpointReader:
     def _handle(self, key: str) -> Any:
         if key not in self.key_to_file:
             raise ValueError(f"{self.dir}: key {key!r} is missing from the checkpoint")
-        path = self.key_to_file[key]
+        return self._open(self.key_to_file[key])
+
+    def _open(self, path: Path) -> Any:
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(path, framework="pt")
@@ -206,6 +215,19 @@ def to_hf_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.
         yield name, tensor
 
 
+def empty_shared_expert(cfg: ModelConfig, layer: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Zero-width shared expert and zero gate for a MoE layer without one.
+
+    transformers' Qwen2-MoE always builds a shared expert; with width 0 it contributes nothing, and
+    writing these tensors lets `from_pretrained` load without "newly initialized" weights.
+    """
+    h, p = cfg.hidden_size, f"model.layers.{layer}.mlp."
+    yield p + "shared_expert.gate_proj.weight", torch.zeros(0, h)
+    yield p + "shared_expert.up_proj.weight", torch.zeros(0, h)
+    yield p + "shared_expert.down_proj.weight", torch.zeros(h, 0)
+    yield p + "shared_expert_gate.weight", torch.zeros(1, h)
+
+
 def read_param(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Our parameter `name` of `shape`, assembled from the checkpoint (per-expert or fused layout)."""
     if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
@@ -216,8 +238,12 @@ def read_param(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> t
         if name.endswith("gate_up_proj"):
             inter, h = shape[1] // 2, shape[2]
             rows = [
-                torch.cat([reader.get(expert_key(layer, e, "gate_proj"), (inter, h)),
-                           reader.get(expert_key(layer, e, "up_proj"), (inter, h))])
+                torch.cat(
+                    [
+                        reader.get(expert_key(layer, e, "gate_proj"), (inter, h)),
+                        reader.get(expert_key(layer, e, "up_proj"), (inter, h)),
+                    ]
+                )
                 for e in range(num_experts)
             ]
         else:
@@ -256,8 +282,12 @@ def load_hf_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
             param.copy_(value.to(param.dtype))
 
 
-def from_pretrained(checkpoint_dir: str | Path, dtype: str | torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", **overrides: Any) -> torch.nn.Module:
+def from_pretrained(
+    checkpoint_dir: str | Path,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> torch.nn.Module:
     """Build our model from a Hugging Face Qwen2 / Qwen2-MoE directory (weights streamed, no double copy).
 
     Args:
@@ -273,6 +303,7 @@ def from_pretrained(checkpoint_dir: str | Path, dtype: str | torch.dtype = torch
     with torch.device("meta"):
         model = Qwen2MoEForCausalLM(cfg)
     model.to_empty(device=device)
+    model.tie_weights()
     model.to(parse_dtype(dtype))
     model.init_weights()  # buffers and anything not in the checkpoint get defined values
     load_hf_weights(model, checkpoint_dir)
@@ -289,8 +320,13 @@ class ShardedWriter:
     On success the temporary directory is renamed to `out_dir`; on an exception it is deleted.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 overwrite: bool = False, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        overwrite: bool = False,
+        dtype: torch.dtype | None = None,
+    ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
             raise ValueError(f"output directory {self.out_dir} exists and is not empty (set overwrite=true)")
@@ -330,8 +366,14 @@ class ShardedWriter:
             return
         name = f"shard-{len(self._shards):05d}.safetensors"
         # clone views so that each stored tensor owns exactly its bytes (safetensors refuses shared storage)
-        save_file({k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
-                   for k, v in self._pending.items()}, str(self.tmp_dir / name), metadata={"format": "pt"})
+        save_file(
+            {
+                k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
+                for k, v in self._pending.items()
+            },
+            str(self.tmp_dir / name),
+            metadata={"format": "pt"},
+        )
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -347,12 +389,14 @@ class ShardedWriter:
             return
         self._flush()
         n = len(self._shards)
-        weight_map = {}
+        weight_map: dict[str, str] = {}
         for i, keys in enumerate(self._shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.tmp_dir / f"shard-{i:05d}.safetensors", self.tmp_dir / final)
             weight_map |= {k: final for k in keys}
-        self.write_json(SAFE_INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        self.write_json(
+            SAFE_INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        )
         if self.out_dir.exists():
             old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
             os.replace(self.out_dir, old)
@@ -377,8 +421,9 @@ def _transformers_version() -> str:
         return "5.0.0"
 
 
-def write_metadata(writer: ShardedWriter, cfg: ModelConfig, dtype: torch.dtype,
-                   tokenizer_dir: str | Path | None = None) -> None:
+def write_metadata(
+    writer: ShardedWriter, cfg: ModelConfig, dtype: torch.dtype, tokenizer_dir: str | Path | None = None
+) -> None:
     """config.json, generation_config.json and (if given) the tokenizer files of `tokenizer_dir`."""
     writer.write_json(CONFIG_NAME, hf_config_dict(cfg, dtype))
     gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id") if getattr(cfg, k) is not None}
@@ -389,9 +434,14 @@ def write_metadata(writer: ShardedWriter, cfg: ModelConfig, dtype: torch.dtype,
                 writer.copy_file(Path(tokenizer_dir) / name)
 
 
-def save_pretrained(model: torch.nn.Module, out_dir: str | Path, dtype: str | torch.dtype = "bfloat16",
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                    tokenizer_dir: str | Path | None = None) -> None:
+def save_pretrained(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
+) -> None:
     """Write `model` as a Hugging Face checkpoint that transformers' `from_pretrained` loads."""
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     dt = parse_dtype(dtype)
@@ -400,3 +450,7 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | Path, dtype: str | to
         for name, param in model.named_parameters():
             for key, t in to_hf_tensors(name, param):
                 w.add(key, t)
+        if cfg.shared_expert_intermediate_size == 0:
+            for layer in cfg.moe_layers:
+                for key, t in empty_shared_expert(cfg, layer):
+                    w.add(key, t)

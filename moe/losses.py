@@ -36,7 +36,9 @@ class BalanceStats:
     """fp32 scalar: number of (unmasked) token rows summed over."""
 
     def __add__(self, other: BalanceStats) -> BalanceStats:
-        return BalanceStats(self.counts_E + other.counts_E, self.prob_sum_E + other.prob_sum_E, self.rows + other.rows)
+        return BalanceStats(
+            self.counts_E + other.counts_E, self.prob_sum_E + other.prob_sum_E, self.rows + other.rows
+        )
 
 
 def balance_stats(router: RouterOutput, mask_T: torch.Tensor | None = None) -> BalanceStats:
@@ -59,8 +61,11 @@ def balance_stats(router: RouterOutput, mask_T: torch.Tensor | None = None) -> B
     return BalanceStats(counts_E, prob_sum_E, rows)
 
 
-def load_balancing_loss(stats: Sequence[BalanceStats], counts_E: torch.Tensor | None = None,
-                        count_rows: torch.Tensor | None = None) -> torch.Tensor:
+def load_balancing_loss(
+    stats: Sequence[BalanceStats],
+    counts_E: torch.Tensor | None = None,
+    count_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """transformers' Qwen2-MoE aux loss, pooled over the layers in `stats`.
 
     Args:

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from moe.config import ModelConfig
 from moe.layer import MoEBlock, SwiGLU
 from moe.losses import BalanceStats, balance_stats, load_balancing_loss, z_loss
-from moe.router import RouterOutput
+from moe.router import RouterOutput, TopKRouter
 
 IGNORE_INDEX = -100
 
@@ -81,7 +81,11 @@ class Attention(nn.Module):
         v_BGLD = self.v_proj(x_BLH).view(b, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BNLD, k_BGLD = apply_rope(q_BNLD, cos_BLD, sin_BLD), apply_rope(k_BGLD, cos_BLD, sin_BLD)
         out_BNLD = F.scaled_dot_product_attention(
-            q_BNLD, k_BGLD, v_BGLD, attn_mask=mask_B1LL, is_causal=mask_B1LL is None,
+            q_BNLD,
+            k_BGLD,
+            v_BGLD,
+            attn_mask=mask_B1LL,
+            is_causal=mask_B1LL is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out_BNLD.transpose(1, 2).reshape(b, seq, -1))
@@ -133,8 +137,12 @@ class ModelOutput:
     """Load-balancing statistics per MoE layer (padding excluded)."""
 
 
-def attention_mask_4d(attention_mask_BL: torch.Tensor | None, document_ids_BL: torch.Tensor | None,
-                      seq_len: int, device: torch.device) -> torch.Tensor | None:
+def attention_mask_4d(
+    attention_mask_BL: torch.Tensor | None,
+    document_ids_BL: torch.Tensor | None,
+    seq_len: int,
+    device: torch.device,
+) -> torch.Tensor | None:
     """Boolean [B, 1, L, L] mask (True = attend), or None for plain causal attention.
 
     A query always sees itself, so rows of padding never become all-masked (NaN in SDPA).
@@ -157,9 +165,13 @@ class Qwen2MoEForCausalLM(nn.Module):
         self.config = cfg.validate()
         self.model = Qwen2Backbone(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the embedding; call again after `to_empty()`, which unties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -173,7 +185,7 @@ class Qwen2MoEForCausalLM(nn.Module):
                     p.zero_()
                 else:
                     p.normal_(0.0, std, generator=generator)
-            if hasattr(module, "selection_bias"):
+            if isinstance(module, TopKRouter):
                 module.selection_bias.zero_()
 
     def forward(
@@ -224,7 +236,9 @@ class Qwen2MoEForCausalLM(nn.Module):
             out.loss = out.ce_loss
             if routers:
                 assert out.aux_loss is not None and out.z_loss is not None
-                out.loss = out.loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
+                out.loss = (
+                    out.loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
+                )
         return out
 
     def num_params(self) -> int:

@@ -42,6 +42,7 @@ class TopKRouter(nn.Module):
         # HF name: `mlp.gate.weight` [E, H]
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         # Aux-loss-free balancing bias; zeros (a no-op) unless the trainer updates it.
+        self.selection_bias: torch.Tensor
         self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
         self.use_selection_bias = False  # a Python flag, not `.any()`: no host sync in forward
 

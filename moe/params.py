@@ -1,0 +1,63 @@
+"""`python -m moe.params model=<preset> [model.field=value ...]`: parameter counts without allocating weights.
+
+The last printed line is machine-readable:
+`total <T>B activated <A>B activated_non_embedding <N>B`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from moe.config import ModelConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass(kw_only=True)
+class ParamsJob:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model whose parameters are counted."""
+
+
+def format_table(cfg: ModelConfig) -> str:
+    """A table of per-component counts, then the summary line."""
+    n = cfg.num_params()
+    h = cfg.hidden_size
+    rows = [
+        ("embedding (+ untied lm_head)", n["embedding"]),
+        ("MoE layers", len(cfg.moe_layers)),
+        ("dense layers", cfg.num_hidden_layers - len(cfg.moe_layers)),
+        ("routed experts per MoE layer", cfg.num_experts),
+        ("params per routed expert", 3 * h * cfg.moe_intermediate_size),
+        ("total", n["total"]),
+        ("activated", n["activated"]),
+        ("activated non-embedding", n["activated_non_embedding"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value:>16,}" for name, value in rows]
+    b = {k: v / 1e9 for k, v in n.items()}
+    lines.append(
+        f"total {b['total']:.2f}B activated {b['activated']:.2f}B "
+        f"activated_non_embedding {b['activated_non_embedding']:.2f}B"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="params_schema", node=ParamsJob)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="params")
+    def _run(cfg) -> None:
+        job: ParamsJob = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        print(format_table(job.model.validate()))
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""ModelConfig validation, parameter accounting and the presets."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moe.config import ModelConfig
+from moe.model import Qwen2MoEForCausalLM
+from moe.params import format_table
+
+PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def preset(name: str) -> ModelConfig:
+    return ModelConfig(**yaml.safe_load((PRESETS / f"{name}.yaml").read_text())).validate()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(num_experts_per_tok=9), r"num_experts_per_tok=9 must be in \[1, model.num_experts=8\]"),
+        (
+            dict(hidden_size=66, num_attention_heads=4),
+            "num_attention_heads=4 must divide model.hidden_size=66",
+        ),
+        (dict(num_key_value_heads=3), "num_key_value_heads=3 must divide model.num_attention_heads=4"),
+        (dict(hidden_size=0), "hidden_size must be positive"),
+        (dict(moe_intermediate_size=-1), "moe_intermediate_size must be positive"),
+        (dict(num_experts=0, intermediate_size=0), "intermediate_size must be positive"),
+        (dict(vocab_size=-5), "vocab_size must be positive"),
+        (dict(expert_backend="cuda"), "expert_backend='cuda' is unknown"),
+        (dict(mlp_only_layers=[7]), "mlp_only_layers holds 7"),
+        (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef must be >= 0"),
+    ],
+)
+def test_validation_names_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_num_params_matches_built_module(name, mixed):
+    cfg = preset(name)
+    if mixed and cfg.is_moe:
+        cfg = cfg.replace(mlp_only_layers=[0], decoder_sparse_step=1, tie_word_embeddings=False)
+    model = Qwen2MoEForCausalLM(cfg)
+    counts = cfg.num_params()
+    assert counts["total"] == model.num_params()
+    if cfg.is_moe:  # activated: subtract the routed experts a token does not visit
+        per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        unused = len(cfg.moe_layers) * (cfg.num_experts - cfg.num_experts_per_tok) * per_expert
+        assert counts["activated"] == model.num_params() - unused
+
+
+def test_num_params_on_meta_device_for_full_size():
+    cfg = preset("qwen1_5_moe_a2_7b")
+    with torch.device("meta"):
+        model = Qwen2MoEForCausalLM(cfg)
+    assert model.num_params() == cfg.num_params()["total"]
+
+
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [
+        ("qwen1_5_moe_a2_7b", (14.3, 2.7, 2.0)),
+        ("qwen1_5_7b", (7.7, 7.7, 6.4)),
+        ("qwen1_5_1_8b", (1.8, 1.8, 1.2)),
+    ],
+)
+def test_presets_match_published_counts(name, published):
+    n = preset(name).num_params()
+    got = (n["total"] / 1e9, n["activated"] / 1e9, n["activated_non_embedding"] / 1e9)
+    for g, p in zip(got, published):
+        assert abs(g - p) <= 0.1, (name, got, published)
+
+
+def test_params_cli_last_line_and_overrides():
+    root = PRESETS.parents[1]
+    out = subprocess.run(
+        [sys.executable, "-m", "moe.params", "model=qwen1_5_moe_a2_7b", "model.num_experts=30"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=True,
+    ).stdout
+    want = format_table(preset("qwen1_5_moe_a2_7b").replace(num_experts=30)).splitlines()[-1]
+    assert out.strip().splitlines()[-1] == want
+    fewer = (
+        preset("qwen1_5_moe_a2_7b").num_params()["total"] - 30 * 24 * 3 * 2048 * 1408
+    )  # 30 experts removed
+    assert want.startswith(f"total {fewer / 1e9:.2f}B activated 2.69B activated_non_embedding 2.07B")
+
+
+def test_hf_roundtrip_of_config():
+    cfg = preset("qwen1_5_moe_a2_7b")
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg.replace(router_z_loss_coef=0.0)
+
+
+def test_from_hf_dict_rejects_other_architectures():
+    with pytest.raises(ValueError, match=r"model_type='llama' .*is not a Qwen2"):
+        ModelConfig.from_hf_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    with pytest.raises(ValueError, match="required key 'hidden_size' is missing"):
+        ModelConfig.from_hf_dict({"model_type": "qwen2", "vocab_size": 10})

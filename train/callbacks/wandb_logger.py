@@ -1,0 +1,51 @@
+"""wandb logging (the only module that imports wandb). Offline by default; keys grouped train/ moe/ perf/ eval/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from train.callbacks.base import Callback
+
+
+class WandbLogger(Callback):
+    def __init__(self, mode: str, project: str, name: str | None):
+        self.mode, self.project, self.name = mode, project, name
+        self.run: Any = None
+
+    def on_start(self, run_dir: Path, config: dict[str, Any], start_step: int) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=self.project,
+            name=self.name or run_dir.name,
+            dir=str(run_dir),
+            mode=self.mode,
+            config=config,
+            id=_run_id(run_dir),
+            resume="allow",
+        )
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.run.log(metrics, step=step)
+
+    def on_expert_load(self, step: int, fraction_LE: torch.Tensor, png: Path) -> None:
+        import wandb
+
+        self.run.log({"moe/expert_load_heatmap": wandb.Image(str(png))}, step=step)
+
+    def on_end(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _run_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    path = run_dir / "wandb_id.txt"
+    if not path.exists():
+        import wandb
+
+        path.write_text(wandb.util.generate_id())
+    return path.read_text().strip()

@@ -1,0 +1,46 @@
+"""Throughput, model FLOPs utilisation and expert-load statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from moe.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name substring; override with logging.peak_tflops.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x activated matmul parameters + attention scores (PaLM appendix B).
+
+    Activated parameters exclude the embedding lookup but include the LM head's matmul.
+    """
+    n = cfg.num_params()
+    matmul_params = n["activated_non_embedding"] + cfg.vocab_size * cfg.hidden_size
+    attention = (
+        12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+    )  # fwd+bwd of QK^T and AV, causal not halved
+    return 6 * matmul_params + attention
+
+
+def expert_load(counts_LE: torch.Tensor) -> dict[str, float]:
+    """Summary of per-layer expert assignment counts [L, E]: worst max/mean ratio and mean entropy."""
+    frac_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
+    mean = counts_LE.mean(-1).clamp(min=1e-9)
+    max_over_mean = (counts_LE.max(-1).values / mean).max().item()
+    entropy = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
+    return {
+        "max_over_mean": max_over_mean,
+        "entropy": entropy.mean().item(),
+        "entropy_max": float(torch.log(torch.tensor(float(counts_LE.shape[-1])))),
+    }

@@ -1,0 +1,366 @@
+"""The training loop. It owns the step; logging, images and wandb are callbacks.
+
+One optimizer step = `grad_accum` micro-batches per rank, each: forward, objective, `engine.backward`,
+`engine.step` (DeepSpeed applies the optimizer at the accumulation boundary). Everything a resumed run
+needs (weights, Adam moments, LR position, data position, routers' biases, RNG) is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data.config import Split
+from data.loader import build_loader
+from data.tokenizer import check_vocab, load_tokenizer
+from moe.config import ModelConfig
+from moe.hf import from_pretrained
+from moe.model import Qwen2MoEForCausalLM
+from moe.router import TopKRouter
+from train import checkpoint
+from train import engine as ds
+from train.callbacks.base import Callback
+from train.callbacks.heatmap import write_heatmap
+from train.callbacks.jsonl import JsonlMetrics
+from train.config import TrainConfig, WandbMode
+from train.metrics import expert_load, flops_per_token, peak_tflops
+from train.objective import Objective, update_selection_bias
+from train.schedule import lr_lambda
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2MoEForCausalLM:
+    """From scratch (seeded, identical on every rank) or from a Hugging Face directory."""
+    if cfg.init_from is not None:
+        model = from_pretrained(
+            cfg.init_from,
+            dtype=torch.float32,
+            device=device,
+            expert_backend=cfg.model.expert_backend,
+            router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+            router_z_loss_coef=cfg.model.router_z_loss_coef,
+        )
+        assert isinstance(model, Qwen2MoEForCausalLM)
+        return model
+    with torch.device("meta"):
+        model = Qwen2MoEForCausalLM(cfg.model)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.init_weights(torch.Generator(device=device).manual_seed(cfg.seed))
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | None = None):
+        self.device = pick_device(cfg.device)
+        self.rank, self.world = ds.init_distributed(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cfg = cfg.validate(self.world)
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
+        self.model = build_model(cfg, self.device)
+        self.mcfg: ModelConfig = self.model.config
+        if (
+            cfg.init_from is not None
+            and cfg.parallel.ep_size > 1
+            and self.mcfg.num_experts % cfg.parallel.ep_size
+        ):
+            raise ValueError(
+                f"parallel.ep_size={cfg.parallel.ep_size} must divide num_experts={self.mcfg.num_experts}"
+            )
+        check_vocab(self.tokenizer, self.mcfg.vocab_size)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.ep_group_name = ds.shard_experts(self.model, cfg.parallel.ep_size)
+        bf16 = cfg.deepspeed.bf16 and self.device.type == "cuda"
+        self.engine = ds.build_engine(
+            self.model,
+            ep_group_name=self.ep_group_name,
+            ep_size=cfg.parallel.ep_size,
+            num_experts=self.mcfg.num_experts,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            lr_lambda=lr_lambda(cfg.schedule, cfg.max_steps),
+            zero_stage=cfg.deepspeed.zero_stage,
+            bf16=bf16,
+            micro_batch_size=cfg.deepspeed.micro_batch_size,
+            grad_accum=cfg.deepspeed.grad_accum,
+            grad_clip=cfg.optim.grad_clip,
+        )
+        self.objective = Objective(
+            cfg.moe.balance_scope, self.mcfg.router_aux_loss_coef, self.mcfg.router_z_loss_coef, ds.dp_group()
+        )
+        self.routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
+        self.loader = build_loader(
+            cfg.data,
+            self.tokenizer,
+            split=Split.train,
+            dp_rank=self.rank,
+            dp_world=self.world,
+            micro_batch_size=cfg.deepspeed.micro_batch_size,
+        )
+        self.callbacks: list[Callback] = []
+        if self.rank == 0:
+            self.callbacks = [JsonlMetrics()]
+            if cfg.logging.wandb is not WandbMode.disabled:
+                from train.callbacks.wandb_logger import WandbLogger
+
+                self.callbacks.append(
+                    WandbLogger(cfg.logging.wandb.value, cfg.logging.project, cfg.logging.name)
+                )
+            self.callbacks += callbacks or []
+        self.step = 0
+        self.tokens_seen = 0
+        self._stop_signal: int | None = None
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def resume_if_requested(self) -> None:
+        ckpt = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
+        if ckpt is None:
+            return
+        meta = checkpoint.load(self.engine, self.model, ckpt)
+        self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
+        self.loader.load_state_dict(meta["loader"])
+        self.engine.lr_scheduler.last_epoch = self.step
+        for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_lr()):
+            group["lr"] = lr
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        if self.rank == 0:
+            print(f"resumed from {ckpt} at step {self.step}")
+
+    def save(self) -> Path:
+        meta = {
+            "tokens_seen": self.tokens_seen,
+            "loader": self.loader.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "model_config": asdict(self.mcfg),
+            "ep_size": self.cfg.parallel.ep_size,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+        }
+        return checkpoint.save(
+            self.engine,
+            self.model,
+            self.run_dir,
+            self.step,
+            meta,
+            self.ep_group_name,
+            self.cfg.checkpoint.keep_last,
+        )
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train to `max_steps` (or a stop signal). Returns the logged metrics of this process' steps."""
+        cfg = self.cfg
+        self.resume_if_requested()
+        self._install_signal_handlers()
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+        for cb in self.callbacks:
+            cb.on_start(self.run_dir, resolved, self.step)  # type: ignore[arg-type]
+        history: list[dict[str, float]] = []
+        data_iter = iter(self.loader)
+        progress = self._progress()
+        while self.step < cfg.max_steps:
+            metrics, load_LE = self.train_step(data_iter)
+            self.step += 1
+            if self.rank == 0 and progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}"
+                )
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                metrics |= self.evaluate()
+            if self.step % cfg.logging.log_every == 0 or self.step == cfg.max_steps:
+                history.append(metrics)
+                for cb in self.callbacks:
+                    cb.on_metrics(self.step, metrics)
+            if load_LE is not None and (
+                self.step % cfg.logging.heatmap_every == 0 or self.step == cfg.max_steps
+            ):
+                self._heatmap(load_LE)
+            stop = self._stop_requested()
+            periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+            if periodic or stop or (self.step == cfg.max_steps and cfg.checkpoint.save_at_end):
+                self.save()
+            if stop:
+                if self.rank == 0:
+                    print(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+                break
+        if progress is not None:
+            progress.close()
+        for cb in self.callbacks:
+            cb.on_end()
+        return history
+
+    def _progress(self):
+        if self.rank != 0 or not self.cfg.logging.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def _batch(self, data_iter) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in next(data_iter).items()}
+
+    def train_step(self, data_iter) -> tuple[dict[str, float], torch.Tensor | None]:
+        cfg, engine = self.cfg, self.engine
+        t0 = time.perf_counter()
+        self.engine.train()
+        self.objective.start_step()
+        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
+        load_LE: torch.Tensor | None = None
+        nonfinite = False
+        tokens = 0
+        for _ in range(cfg.deepspeed.grad_accum):
+            batch = self._batch(data_iter)
+            out = engine(**batch)
+            terms = self.objective(out)
+            bad = torch.tensor([0.0 if torch.isfinite(terms.loss) else 1.0])
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                nonfinite = True
+                # a finite stand-in keeps every rank's collectives and DeepSpeed's counters in step
+                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
+            else:
+                loss = terms.loss
+            engine.backward(loss)
+            ds.clip_gradients(engine)
+            with ds.skip_optimizer_step(
+                engine, skip=nonfinite and engine.is_gradient_accumulation_boundary()
+            ):
+                engine.step()
+            tokens += int(batch["input_ids"].numel())
+            for k, v in (("loss", terms.loss), ("ce", terms.ce), ("aux", terms.aux), ("z", terms.z)):
+                if v is not None:
+                    sums[k] += float(v.detach()) / cfg.deepspeed.grad_accum
+            if out.balance:
+                counts = torch.stack([s.counts_E for s in out.balance]).detach()
+                load_LE = counts if load_LE is None else load_LE + counts
+
+        if load_LE is not None:
+            dist.all_reduce(load_LE)  # each rank counted its own tokens (by global expert id)
+            if cfg.moe.bias_update_rate > 0 and not nonfinite:
+                update_selection_bias(self.routers, list(load_LE), cfg.moe.bias_update_rate)
+        totals = torch.tensor([sums["loss"], sums["ce"], sums["aux"], sums["z"], float(tokens)])
+        dist.all_reduce(totals)
+        loss, ce, aux, z = (totals[:4] / self.world).tolist()
+        tokens_all = int(totals[4].item())
+        self._track_nonfinite(nonfinite)
+        self.tokens_seen += tokens_all
+        dt = time.perf_counter() - t0
+        metrics: dict[str, float] = {
+            "train/loss": loss,
+            "train/ce_loss": ce,
+            "train/lr": float(engine.get_lr()[0]),
+            "train/grad_norm": ds.grad_norm(engine),
+            "train/tokens_seen": float(self.tokens_seen),
+            "train/skipped_steps": float(self.skipped_steps),
+            "perf/step_time_s": dt,
+            "perf/tokens_per_s": tokens_all / dt,
+        }
+        peak = cfg.logging.peak_tflops or peak_tflops(self.device)
+        if peak:
+            achieved = flops_per_token(self.mcfg, cfg.data.seq_len) * tokens_all / dt / self.world
+            metrics["perf/mfu"] = achieved / (peak * 1e12)
+        if load_LE is not None:
+            metrics["train/aux_loss"], metrics["train/z_loss"] = aux, z
+            for k, v in expert_load(load_LE).items():
+                metrics[f"moe/load_{k}"] = v
+            frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)
+            for layer, idx in enumerate(self.mcfg.moe_layers):
+                metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(frac_LE[layer].max() * frac_LE.shape[-1])
+        return metrics, load_LE
+
+    def _track_nonfinite(self, nonfinite: bool) -> None:
+        if not nonfinite:
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.rank == 0:
+            print(
+                f"step {self.step + 1}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row)"
+            )
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss (max_nonfinite_in_a_row="
+                f"{self.cfg.max_nonfinite_in_a_row}); stopping. Lower optim.lr or check the data."
+            )
+
+    def _heatmap(self, load_LE: torch.Tensor) -> None:
+        if self.rank != 0:
+            return
+        frac = (load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)).cpu()
+        png = write_heatmap(
+            frac, self.run_dir / "expert_load" / f"step_{self.step:08d}.png", f"expert load, step {self.step}"
+        )
+        for cb in self.callbacks:
+            cb.on_expert_load(self.step, frac, png)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean cross-entropy and perplexity on the held-out split (same batches every time)."""
+        loader = build_loader(
+            self.cfg.data,
+            self.tokenizer,
+            split=Split.eval,
+            dp_rank=self.rank,
+            dp_world=self.world,
+            micro_batch_size=self.cfg.deepspeed.micro_batch_size,
+        )
+        self.engine.eval()
+        total = torch.zeros(2)
+        it = iter(loader)
+        for _ in range(self.cfg.eval_batches):
+            batch = self._batch(it)
+            out = self.engine(**batch)
+            total += torch.tensor(
+                [float(out.ce_loss) * batch["input_ids"].numel(), batch["input_ids"].numel()]
+            )
+        dist.all_reduce(total)
+        self.engine.train()
+        loss = (total[0] / total[1]).item()
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+def run(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> list[dict[str, Any]]:
+    """Build a trainer and train; returns rank-local logged metrics."""
+    return Trainer(cfg, callbacks).fit()

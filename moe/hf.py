@@ -110,6 +110,9 @@ class CheckpointReader:
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.key_to_file)
+
     def __contains__(self, key: str) -> bool:
         return key in self.key_to_file
 
@@ -272,7 +275,7 @@ def load_hf_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     """
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     reader = CheckpointReader(checkpoint_dir)
-    unexpected = sorted(set(reader.keys()) - _accepted_hf_keys(cfg))
+    unexpected = sorted(set(reader) - _accepted_hf_keys(cfg))
     if unexpected:
         more = f" (+{len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
         raise ValueError(f"{checkpoint_dir}: unexpected keys for this config: {unexpected[:5]}{more}")

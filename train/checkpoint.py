@@ -154,7 +154,7 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
     readers = [CheckpointReader(d) for d in sorted(ckpt.glob("ep*")) if d.is_dir()]
     if not readers:
         raise ValueError(f"checkpoint {ckpt} holds no ep*/ weight directories")
-    key_reader = {k: r for r in readers for k in r.keys()}
+    key_reader = {k: r for r in readers for k in r}
 
     def get(key: str) -> torch.Tensor:
         if key not in key_reader:

@@ -125,7 +125,7 @@ def shard_experts(model: nn.Module, ep_size: int) -> str | None:
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay for matrices (experts included), none for biases and norms; MoE split."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)

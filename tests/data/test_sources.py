@@ -1,0 +1,148 @@
+"""Every supported local format reads back the same documents; bad input gets an error naming file or field."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import datasets
+import pytest
+
+from data.config import SourceConfig, TxtSampleBy
+from data.corpus import builtin_documents
+from data.loader import build_loader
+from data.sources import _data_files, load_source
+from tests.data.helpers import data_config, make_docs, write_jsonl
+
+DOCS = make_docs(12)
+
+
+def texts(ds: datasets.Dataset, field: str = "text") -> list[str]:
+    return list(ds[field])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("formats")
+    ds = datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))})
+    write_jsonl(root / "c.jsonl", DOCS)
+    (root / "c.json").write_text(json.dumps([{"text": d} for d in DOCS]))
+    ds.to_parquet(root / "c.parquet")
+    ds.to_csv(root / "c.csv")
+    (root / "c.txt").write_text("\n".join(DOCS) + "\n")
+    with gzip.open(root / "c.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in DOCS)
+    ds.save_to_disk(root / "saved")
+    shutil.copy(next((root / "saved").glob("*.arrow")), root / "c.arrow")
+    (root / "parts").mkdir()
+    write_jsonl(root / "parts" / "a.jsonl", DOCS[:5])
+    write_jsonl(root / "parts" / "b.jsonl", DOCS[5:])
+    return root
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "c.jsonl",
+        "c.json",
+        "c.parquet",
+        "c.csv",
+        "c.txt",
+        "c.jsonl.gz",
+        "saved",
+        "c.arrow",
+        "parts",
+        "parts/*.jsonl",
+    ],
+)
+def test_every_format_reads_the_same_documents(files, cache_dir, name: str) -> None:
+    ds = load_source(SourceConfig(path=str(files / name)), 0, cache_dir)
+    assert texts(ds) == DOCS
+    assert ds.column_names == ["text"]
+
+
+def test_text_field_and_txt_units(tmp_path, cache_dir) -> None:
+    write_jsonl(tmp_path / "body.jsonl", DOCS, field="body")
+    assert (
+        texts(
+            load_source(SourceConfig(path=str(tmp_path / "body.jsonl"), text_field="body"), 0, cache_dir),
+            "body",
+        )
+        == DOCS
+    )
+    (tmp_path / "p.txt").write_text("one\ntwo\n\nthree\n")
+    by = lambda unit: texts(  # noqa: E731
+        load_source(SourceConfig(path=str(tmp_path / "p.txt"), txt_sample_by=unit), 0, cache_dir)
+    )
+    assert by(TxtSampleBy.line) == ["one", "two", "", "three"]
+    assert by(TxtSampleBy.paragraph) == ["one\ntwo", "three\n"]
+    assert by(TxtSampleBy.document) == ["one\ntwo\n\nthree\n"]
+
+
+def test_builtin_source_is_the_builtin_corpus(cache_dir) -> None:
+    assert texts(load_source(SourceConfig(), 0, cache_dir)) == list(builtin_documents())
+
+
+def test_hub_names_are_told_from_local_paths(tmp_path) -> None:
+    assert _data_files("someone/some_dataset", "w") is None
+    assert _data_files("wikitext", "w") is None
+    for local in (str(tmp_path / "missing.jsonl"), "./missing", "a/b/c", "missing.parquet"):
+        with pytest.raises(FileNotFoundError, match="missing|a/b/c"):
+            _data_files(local, "w")
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+def test_missing_file_names_the_path(tmp_path, cache_dir) -> None:
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match=rf"data\.sources\[0\].*{path}"):
+        load_source(SourceConfig(path=str(path)), 0, cache_dir)
+    with pytest.raises(FileNotFoundError, match="no file matches"):
+        load_source(SourceConfig(path=str(tmp_path / "*.jsonl")), 0, cache_dir)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_dir holds no"):
+        load_source(SourceConfig(path=str(tmp_path / "empty_dir")), 0, cache_dir)
+
+
+def test_empty_dataset_names_the_file(tmp_path, cache_dir) -> None:
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl is empty"):
+        load_source(SourceConfig(path=str(tmp_path / "empty.jsonl")), 0, cache_dir)
+    datasets.Dataset.from_dict(
+        {"text": []}, features=datasets.Features({"text": datasets.Value("string")})
+    ).to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(ValueError, match=r"empty\.parquet is empty \(0 rows\)"):
+        load_source(SourceConfig(path=str(tmp_path / "empty.parquet")), 0, cache_dir)
+
+
+def test_all_empty_texts_is_an_empty_dataset(tmp_path, tokenizer, cache_dir) -> None:
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n{"text": null}\n')
+    cfg = data_config(cache_dir, [tmp_path / "blank.jsonl"])
+    with pytest.raises(ValueError, match=r"data\.sources\[0\].*blank\.jsonl.*empty or null"):
+        build_loader(cfg, tokenizer)
+
+
+def test_missing_text_field_names_field_file_and_columns(tmp_path, cache_dir) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS, field="body")
+    with pytest.raises(
+        ValueError, match=r"text_field='text' is not a column of .*c\.jsonl; its columns are \['body', 'id'\]"
+    ):
+        load_source(SourceConfig(path=str(path)), 3, cache_dir)
+    with pytest.raises(
+        ValueError, match=r"data\.sources\[0\]\.text_field='content' is not a column of the builtin corpus"
+    ):
+        load_source(SourceConfig(text_field="content"), 0, cache_dir)
+
+
+def test_non_string_text_field_is_named(tmp_path, cache_dir) -> None:
+    (tmp_path / "n.jsonl").write_text('{"text": 1}\n{"text": 2}\n')
+    with pytest.raises(
+        ValueError, match=r"text_field='text' of .*n\.jsonl holds Value\('int64'\), not strings"
+    ):
+        load_source(SourceConfig(path=str(tmp_path / "n.jsonl")), 0, cache_dir)
+
+
+def test_unreadable_file_names_the_file(tmp_path, cache_dir) -> None:
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"could not read .*bad\.parquet as parquet"):
+        load_source(SourceConfig(path=str(tmp_path / "bad.parquet")), 0, cache_dir)

@@ -1,0 +1,185 @@
+"""Data-parallel ranks read disjoint samples that cover the sequence; save/restore resumes at the next sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from data.config import SourceConfig
+from data.loader import build_loader
+from tests.data.helpers import blocks_of, data_config, make_docs, reference_stream, take, write_jsonl
+
+DOCS = make_docs(80, max_words=40)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "c.jsonl", DOCS)
+
+
+@pytest.fixture
+def cfg(corpus, cache_dir):
+    return data_config(cache_dir, [corpus], seq_len=16, reset_attention_at_doc_boundary=True)
+
+
+def global_sequence(cfg, tokenizer, n: int) -> np.ndarray:
+    """Blocks of global samples 0..n-1, read by a single rank one sample at a time."""
+    return np.concatenate([blocks_of(b) for b in take(build_loader(cfg, tokenizer), n)])
+
+
+def rank_view(
+    blocks: np.ndarray, rank: int, world: int, batch: int, steps: int, start: int = 0
+) -> np.ndarray:
+    """What rank `rank` of `world` must yield: micro-batch k holds samples start + (k*batch + i)*world + rank."""
+    g = start + (np.arange(steps * batch) * world + rank)
+    return blocks[g].reshape(steps, batch, -1)
+
+
+@pytest.mark.parametrize(("world", "batch"), [(2, 3), (3, 1), (4, 2)])
+def test_ranks_are_disjoint_and_cover_the_sequence(cfg, tokenizer, world: int, batch: int) -> None:
+    steps = 12
+    reference = global_sequence(cfg, tokenizer, steps * batch * world)
+    seen = []
+    for rank in range(world):
+        loader = build_loader(cfg, tokenizer, dp_rank=rank, dp_world=world, micro_batch_size=batch)
+        got = np.stack([blocks_of(b) for b in take(loader, steps)])
+        assert np.array_equal(got, rank_view(reference, rank, world, batch, steps))
+        seen.append(got.reshape(-1, cfg.block_len))
+    # Together the ranks read every global sample exactly once (as positions: blocks may repeat text).
+    union = np.concatenate(seen)
+    assert sorted(map(tuple, union)) == sorted(map(tuple, reference))
+
+
+def test_ranks_together_cover_an_epoch_of_tokens(cfg, tokenizer) -> None:
+    ref = reference_stream(tokenizer, DOCS)
+    n_epoch0 = -(-len(ref) // cfg.block_len)
+    world = 2
+    per_rank = -(-n_epoch0 // world)
+    blocks = []
+    for rank in range(world):
+        loader = build_loader(cfg, tokenizer, dp_rank=rank, dp_world=world, micro_batch_size=1)
+        blocks += [blocks_of(b)[0] for b in take(loader, per_rank)]
+    epoch0 = [tuple(b) for b in blocks]  # rank r, step k is global sample k*world + r
+    epoch0 = [epoch0[r * per_rank + k] for k in range(per_rank) for r in range(world)][:n_epoch0]
+    expected = np.tile(ref, 2)[: n_epoch0 * cfg.block_len].reshape(n_epoch0, -1)
+    assert sorted(epoch0) == sorted(map(tuple, expected))
+
+
+def assert_batches_equal(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_restore_mid_epoch_continues_with_the_next_samples(cfg, tokenizer, prefetch: int) -> None:
+    cfg.prefetch_batches = prefetch
+    for rank in range(2):
+        uninterrupted = take(build_loader(cfg, tokenizer, dp_rank=rank, dp_world=2, micro_batch_size=2), 10)
+        first = build_loader(cfg, tokenizer, dp_rank=rank, dp_world=2, micro_batch_size=2)
+        head = take(first, 4)
+        state = first.state_dict()
+        take(first, 3)  # the crashed run went on; the checkpoint does not know
+        resumed = build_loader(cfg, tokenizer, dp_rank=rank, dp_world=2, micro_batch_size=2)
+        resumed.load_state_dict(state)
+        assert_batches_equal(head + take(resumed, 6), uninterrupted)
+
+
+@pytest.mark.parametrize(("world", "batch"), [(1, 4), (4, 1), (3, 2)])
+def test_restore_with_another_number_of_ranks(cfg, tokenizer, world: int, batch: int) -> None:
+    saved_world, saved_batch, steps = 2, 2, 5
+    reference = global_sequence(cfg, tokenizer, 200)
+    states = []
+    for rank in range(saved_world):
+        loader = build_loader(
+            cfg, tokenizer, dp_rank=rank, dp_world=saved_world, micro_batch_size=saved_batch
+        )
+        take(loader, steps)
+        states.append(loader.state_dict())
+    assert states[0] == states[1]  # every rank saves the same state
+    start = steps * saved_batch * saved_world
+    for rank in range(world):
+        loader = build_loader(cfg, tokenizer, dp_rank=rank, dp_world=world, micro_batch_size=batch)
+        loader.load_state_dict(states[0])
+        got = np.stack([blocks_of(b) for b in take(loader, 6)])
+        assert np.array_equal(got, rank_view(reference, rank, world, batch, 6, start=start))
+
+
+def test_epochs_advance_and_reshuffle(cfg, tokenizer) -> None:
+    loader = build_loader(cfg, tokenizer, micro_batch_size=1)
+    n_epoch0 = -(-loader.dataset.num_tokens // cfg.block_len)
+    blocks = [blocks_of(b)[0] for b in take(loader, 3 * n_epoch0)]
+    assert loader.state_dict()["epoch"] >= 2
+    assert loader.state_dict()["source_epochs"] == [loader.state_dict()["epoch"]]
+    # The same text comes back in a new order: compare where each block of epoch 0 reappears.
+    first = [tuple(b) for b in blocks[:n_epoch0]]
+    second = [tuple(b) for b in blocks[n_epoch0 : 2 * n_epoch0]]
+    assert first != second
+
+
+def test_prefetching_yields_what_on_demand_assembly_yields(cfg, tokenizer) -> None:
+    cfg.prefetch_batches = 0
+    on_demand = take(build_loader(cfg, tokenizer, dp_rank=1, dp_world=2, micro_batch_size=3), 8)
+    cfg.prefetch_batches = 4
+    loader = build_loader(cfg, tokenizer, dp_rank=1, dp_world=2, micro_batch_size=3)
+    prefetched = take(loader, 8)
+    loader.close()
+    assert_batches_equal(prefetched, on_demand)
+
+
+def test_state_of_another_sequence_is_rejected(cfg, tokenizer) -> None:
+    loader = build_loader(cfg, tokenizer)
+    next(loader)
+    state = loader.state_dict()
+    cfg.seq_len = 32
+    with pytest.raises(ValueError, match="seq_len: saved 16, now 32"):
+        build_loader(cfg, tokenizer).load_state_dict(state)
+
+
+def test_eval_split_holds_the_last_documents(tmp_path, tokenizer, cache_dir) -> None:
+    docs = make_docs(40)
+    cfg = data_config(cache_dir, [write_jsonl(tmp_path / "c.jsonl", docs)], eval_fraction=0.1)
+    train = build_loader(cfg, tokenizer, split="train").dataset.streams[0]
+    held_out = build_loader(cfg, tokenizer, split="eval").dataset.streams[0]
+    for stream, part in ((train, docs[:36]), (held_out, docs[36:])):
+        ref = reference_stream(tokenizer, part)
+        assert np.array_equal(stream.store.read(stream.start, stream.start + stream.num_tokens), ref)
+
+
+def test_mixture_serves_each_source_its_share_of_its_own_blocks(tmp_path, tokenizer, cache_dir) -> None:
+    small = write_jsonl(tmp_path / "small.jsonl", make_docs(10, seed=1))
+    large = write_jsonl(tmp_path / "large.jsonl", make_docs(60, seed=2))
+    cfg = data_config(cache_dir, [small, large], mixture_window=8)
+    cfg.sources[0].weight, cfg.sources[1].weight = 3.0, 1.0
+    loader = build_loader(cfg, tokenizer, micro_batch_size=8)
+    blocks = np.concatenate([blocks_of(b) for b in take(loader, 30)])
+    refs = [reference_stream(tokenizer, make_docs(n, seed=s)) for n, s in ((10, 1), (60, 2))]
+    source, local = loader.dataset.mixture.locate(np.arange(len(blocks)))
+    assert np.bincount(source).tolist() == [180, 60]  # 3:1 of 240 samples
+    L = cfg.block_len
+    for s, ref in enumerate(refs):
+        mine, p = blocks[source == s], local[source == s]
+        assert sorted(p.tolist()) == list(range(len(p)))  # the source's first samples, none skipped
+        # Sample p of source s is block block_of(p) of that source's own endless packed stream.
+        b = loader.dataset.streams[s].block_of(p)
+        periodic = np.tile(ref, (b.max() + 1) * L // len(ref) + 2)
+        assert np.array_equal(mine, np.stack([periodic[x * L : (x + 1) * L] for x in b]))
+    assert loader.state_dict()["source_epochs"][0] > loader.state_dict()["source_epochs"][1]
+
+
+def test_rank_arguments_are_checked(cfg, tokenizer) -> None:
+    with pytest.raises(ValueError, match="dp_rank=2"):
+        build_loader(cfg, tokenizer, dp_rank=2, dp_world=2)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        build_loader(cfg, tokenizer, micro_batch_size=0)
+
+
+def test_builtin_source_loads_by_default(tokenizer, cache_dir) -> None:
+    cfg = data_config(cache_dir, eval_fraction=0.05)
+    assert cfg.sources == [SourceConfig()]
+    train = build_loader(cfg, tokenizer).dataset
+    held_out = build_loader(cfg, tokenizer, split="eval").dataset
+    assert train.num_tokens > 100_000 and 0 < held_out.num_tokens < train.num_tokens / 10

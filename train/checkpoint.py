@@ -103,6 +103,7 @@ def save(
     ep_rank, edp_rank = ds.ep_info(ep_group_name)
     writes = edp_rank == 0
     owners = _owners(model)
+    ds.link_optimizer_state(engine)
     writer = ShardedWriter(tmp / f"ep{ep_rank:03d}", max_shard_bytes=SHARD_BYTES) if writes else None
     if writer is not None:
         writer.__enter__()
@@ -126,6 +127,8 @@ def save(
     if writer is not None:
         writer.__exit__(None, None, None)
 
+    if os.environ.get("FINEMOE_FAULT_IN_SAVE") == str(step):  # crash tests: die with the save half done
+        os._exit(17)
     if rank == 0:
         buffers = {
             f"{n}.selection_bias": m.selection_bias.detach().cpu()
@@ -162,6 +165,7 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
         return key_reader[key].get(key)
 
     owners = _owners(model)
+    ds.prepare_optimizer_state(engine, int(meta.get("adam_step", 0)))
     for name, param in model.named_parameters():
         kinds = [
             k
@@ -184,7 +188,6 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
                     f"model expects {list(param.shape)}"
                 )
         ds.set_full_state(engine, param, state)
-    ds.set_optimizer_step_count(engine, int(meta.get("adam_step", 0)))
 
     if (ckpt / "buffers.safetensors").is_file():
         buffers = load_file(ckpt / "buffers.safetensors")

@@ -158,6 +158,8 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient are skipped; this many in a row stops the run."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    stop_at_step: int | None = None
+    """Stop after this step with a checkpoint, as a preemption would (scheduled pauses, tests)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves activation memory)."""
 

@@ -298,15 +298,30 @@ def optimizer_step_count(engine: Any) -> int:
     return 0
 
 
-def set_optimizer_step_count(engine: Any, step: int) -> None:
-    """Give every parameter state the Adam step count (ZeRO keeps state per flat partition)."""
+def prepare_optimizer_state(engine: Any, step: int) -> None:
+    """Create Adam's state (torch makes it lazily at the first step) with the given step count, and link
+    DeepSpeed's per-parameter views into it, so that `set_full_state` can fill the moments."""
     opt = _torch_optimizer(engine)
     for group in opt.param_groups:
-        for p in group["params"]:
+        for p in group["params"]:  # under ZeRO these are the flat fp32 partitions
             st = opt.state[p]
             st["step"] = torch.tensor(float(step))
-            for k in ADAM_STATES:  # torch creates moments lazily on the first step
+            for k in ADAM_STATES:
                 st.setdefault(k, torch.zeros_like(p, memory_format=torch.preserve_format))
+    link_optimizer_state(engine)
+
+
+def link_optimizer_state(engine: Any) -> None:
+    """(Re)build DeepSpeed's per-parameter views into the Adam state.
+
+    DeepSpeed 0.19.8's ZeRO-1/2 links them lazily after the optimizer step of the *first* parameter
+    group only, when the other groups have no state yet, and never again: without this, reading the
+    moments of any parameter outside group 0 (our no-decay and expert groups) fails.
+    """
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        engine.optimizer._hp_optimizer_states_linked = False
+        link()
 
 
 def ep_info(group_name: str | None) -> tuple[int, int]:

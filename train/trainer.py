@@ -215,13 +215,14 @@ class Trainer:
                 self.step % cfg.logging.heatmap_every == 0 or self.step == cfg.max_steps
             ):
                 self._heatmap(load_LE)
-            stop = self._stop_requested()
+            stop = self._stop_requested() or self.step == cfg.stop_at_step
             periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if periodic or stop or (self.step == cfg.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if stop:
                 if self.rank == 0:
-                    print(f"stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved")
+                    why = f"signal {self._stop_signal}" if self._stop_signal else "stop_at_step"
+                    print(f"stopped by {why} at step {self.step}; checkpoint saved")
                 break
         if progress is not None:
             progress.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,5 @@ def _run_id(run_dir: Path) -> str:
     """A stable id per run directory, so a resumed run continues the same wandb run."""
     path = run_dir / "wandb_id.txt"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(secrets.token_hex(6))
     return path.read_text().strip()

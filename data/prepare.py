@@ -6,7 +6,9 @@ memory-mapped token shards plus `index.json` (see `data.shards`).
 Design choices:
 - Worker processes each tokenise a range of rows, reading it themselves from the (memory-mapped)
   dataset; the parent only appends their token arrays, in order, to the shards. Workers run
-  `tokenizers` single-threaded: the processes are the parallelism.
+  `tokenizers` single-threaded: the processes are the parallelism, Python's share of the work
+  (Arrow to str, ids to numpy) included, which one process with Rust threads would serialise.
+- Small inputs (the built-in corpus) are tokenised in this process: forking costs more than it saves.
 - Output goes to a temporary sibling directory renamed into place at the end, so a crashed or
   interrupted run never leaves a directory that looks prepared.
 """
@@ -34,6 +36,10 @@ from data.sources import load_source
 from data.tokenizer import fingerprint, load_tokenizer
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+# Forking and tearing down a pool from a process that has imported torch and datasets costs ~0.1 s,
+# what 2 cores take to tokenise ~0.5 MB; below this much text one process (with tokenizers' own
+# threads) finishes first.
+_IN_PROCESS_MAX_BYTES = 16 << 20
 
 
 @dataclass(kw_only=True)
@@ -43,7 +49,8 @@ class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """Sources and tokenizer to prepare; the output directory is `data.prepared_dir`."""
     num_workers: int = 0
-    """Tokenising processes; 0 uses one per available CPU, 1 tokenises in this process."""
+    """Tokenising processes; 1 tokenises in this process (with `tokenizers`' threads); 0 picks: one per
+    CPU, or 1 below 16 MB of text, where starting processes costs more than it saves."""
     docs_per_task: int = 256
     """Rows one worker tokenises per task, at most (fewer where a source has under 4 tasks per worker)."""
     shard_tokens: int = 1 << 28
@@ -97,11 +104,15 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     eos, dtype = int(tokenizer.eos_token_id), token_dtype(len(tokenizer))
     datasets_ = [load_source(src, i, data.cache_dir) for i, src in enumerate(data.sources)]
     fields = [src.text_field for src in data.sources]
-    workers = cfg.num_workers or _available_cpus()
+    workers = cfg.num_workers or _auto_workers(datasets_)
     tasks = []
     for i, ds in enumerate(datasets_):
-        # At least 4 tasks per worker where rows allow, so small sources still use every worker.
-        size = max(1, min(cfg.docs_per_task, -(-len(ds) // (4 * workers))))
+        # At least 4 tasks per worker process where rows allow, so small sources use every worker.
+        size = (
+            cfg.docs_per_task
+            if workers == 1
+            else max(1, min(cfg.docs_per_task, -(-len(ds) // (4 * workers))))
+        )
         tasks += [(i, start, min(start + size, len(ds))) for start in range(0, len(ds), size)]
     workers = min(workers, len(tasks))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +226,10 @@ def _tokenizers_parallelism_off() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
-def _available_cpus() -> int:
+def _auto_workers(datasets_: list[Any]) -> int:
+    """One process per CPU, or this process alone for text too small to repay starting processes."""
+    if sum(ds.data.nbytes for ds in datasets_) < _IN_PROCESS_MAX_BYTES:
+        return 1
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1

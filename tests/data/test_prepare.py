@@ -16,8 +16,9 @@ import torch
 from data.config import SourceConfig
 from data.dataset import build_dataset
 from data.loader import build_loader
-from data.prepare import PrepareConfig, prepare
+from data.prepare import PrepareConfig, _auto_workers, prepare
 from data.shards import INDEX
+from data.sources import load_source
 from data.tokenizer import train_builtin_tokenizer
 from tests.data.helpers import data_config, make_docs, reference_stream, take, write_jsonl
 
@@ -196,3 +197,22 @@ def test_command_line(tmp_path, cache_dir, tokenizer) -> None:
     cfg = data_config(cache_dir, [corpus], prepared_dir=str(out))
     store = build_dataset(cfg, tokenizer, "train").streams[0].store
     assert np.array_equal(store.read(0, store.num_tokens), reference_stream(tokenizer, DOCS[:50]))
+
+
+def test_worker_processes_and_in_process_write_identical_shards(tmp_path, cache_dir) -> None:
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    hashes = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cfg = data_config(cache_dir, [corpus], prepared_dir=str(out))
+        prepare(
+            PrepareConfig(data=cfg, num_workers=workers, docs_per_task=7, shard_tokens=3000, progress=False)
+        )
+        index = json.loads((out / INDEX).read_text())
+        hashes.append([(s["file"], s["sha256"]) for s in index["sources"][0]["shards"]])
+    assert len(hashes[0]) > 1 and hashes[0] == hashes[1]
+
+
+def test_small_inputs_are_tokenised_in_process(cache_dir) -> None:
+    builtin = load_source(SourceConfig(), 0, cache_dir)
+    assert _auto_workers([builtin]) == 1

@@ -36,10 +36,10 @@ from data.sources import load_source
 from data.tokenizer import fingerprint, load_tokenizer
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-# Forking and tearing down a pool from a process that has imported torch and datasets costs ~0.1 s,
-# what 2 cores take to tokenise ~0.5 MB; below this much text one process (with tokenizers' own
-# threads) finishes first.
-_IN_PROCESS_MAX_BYTES = 16 << 20
+# Forking and tearing down a pool from a process that has imported torch and datasets costs ~0.1 s;
+# worker processes win it back from ~1 s of tokenising on (benchmarks/data.py: 2 processes beat one
+# at 7 MB of text, lost at 0.5 MB), so below this much text one process (tokenizers' threads) is used.
+_IN_PROCESS_MAX_BYTES = 4 << 20
 
 
 @dataclass(kw_only=True)
@@ -50,7 +50,7 @@ class PrepareConfig:
     """Sources and tokenizer to prepare; the output directory is `data.prepared_dir`."""
     num_workers: int = 0
     """Tokenising processes; 1 tokenises in this process (with `tokenizers`' threads); 0 picks: one per
-    CPU, or 1 below 16 MB of text, where starting processes costs more than it saves."""
+    CPU, or 1 below 4 MB of text, where starting processes costs more than it saves."""
     docs_per_task: int = 256
     """Rows one worker tokenises per task, at most (fewer where a source has under 4 tasks per worker)."""
     shard_tokens: int = 1 << 28

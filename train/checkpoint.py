@@ -63,6 +63,8 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
         return path
     if list_complete(path):  # a run directory
         return list_complete(path)[-1]
+    if (path / "checkpoints").is_dir():
+        raise ValueError(f"run directory {path} holds no complete checkpoint")
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is incomplete: {META} is missing (the save did not finish)")
     raise ValueError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")

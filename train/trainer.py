@@ -126,6 +126,7 @@ class Trainer:
         )
         self.callbacks: list[Callback] = []
         if self.rank == 0:
+            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))  # exports ship it
             self.callbacks = [JsonlMetrics()]
             if cfg.logging.wandb is not WandbMode.disabled:
                 from train.callbacks.wandb_logger import WandbLogger

@@ -1,0 +1,170 @@
+"""`python -m train.export checkpoint=<run or checkpoint dir> output=<new dir>`: a Hugging Face model.
+
+Reads our checkpoint format (`train/checkpoint.py`: fp32 master weights per parameter, routed experts
+one global expert at a time, any ZeRO stage and ep_size) and writes a Qwen2-MoE (MoE runs) or Qwen2
+(dense runs) checkpoint with transformers' per-expert keys. It streams: one parameter is in memory
+at a time, and the output appears under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.config import ModelConfig
+from moe.hf import (
+    CheckpointReader,
+    ShardedWriter,
+    empty_shared_expert,
+    parse_dtype,
+    to_hf_tensors,
+    write_metadata,
+)
+from moe.model import Qwen2MoEForCausalLM
+from train import checkpoint as ckpt_lib
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass(kw_only=True)
+class ExportConfig:
+    checkpoint: str = "???"
+    """A run directory (its newest complete checkpoint is used) or one checkpoint directory."""
+    output: str = "???"
+    """New Hugging Face checkpoint directory."""
+    dtype: str = "bfloat16"
+    """bfloat16 | float32 | float16."""
+    max_shard_bytes: int = 2 * 1024**3
+    """Largest safetensors shard."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory for `path` (a checkpoint, or a run directory: its newest complete one)."""
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"checkpoint {p} does not exist")
+    found = ckpt_lib.resolve_resume(str(p), p)
+    if found is None:
+        raise ValueError(f"{p} holds no complete checkpoint")
+    return found
+
+
+def _model_config(meta: dict[str, Any], where: Path) -> ModelConfig:
+    if "model_config" not in meta:
+        raise ValueError(f"{where}/meta.json has no model_config")
+    return ModelConfig(**meta["model_config"]).validate()
+
+
+def export(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str = "bfloat16",
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the HF checkpoint and return the export report (also saved as `export_report.json`)."""
+    start = time.time()
+    ckpt = find_checkpoint(checkpoint)
+    meta = json.loads((ckpt / ckpt_lib.META).read_text())
+    cfg = _model_config(meta, ckpt)
+    dt = parse_dtype(dtype)
+    readers = [CheckpointReader(d) for d in sorted(ckpt.glob("ep*")) if d.is_dir()]
+    key_reader = {k: r for r in readers for k in r}
+    with torch.device("meta"):
+        skeleton = Qwen2MoEForCausalLM(cfg)
+    # check completeness before writing anything
+    for name, p in skeleton.named_parameters():
+        keys = [f"{name}.{e}::fp32" for e in range(p.shape[0])] if _is_expert(name) else [f"{name}::fp32"]
+        missing = [k for k in keys if k not in key_reader]
+        if missing:
+            raise ValueError(
+                f"checkpoint {ckpt} is incomplete: {missing[0]!r} is missing"
+                + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+    bias = _selection_biases(ckpt)
+    if any(b.abs().sum() > 0 for b in bias.values()):
+        print(
+            "note: the routers' aux-loss-free selection biases are written as mlp.gate.e_score_correction_bias; "
+            "transformers' Qwen2-MoE ignores them (routing then differs from training)"
+        )
+    tokenizer_dir = ckpt.parent.parent / "tokenizer"  # saved by the trainer in <run_dir>/tokenizer
+    with ShardedWriter(output, max_shard_bytes, overwrite=overwrite, dtype=dt) as w:
+        write_metadata(w, cfg, dt, tokenizer_dir if tokenizer_dir and tokenizer_dir.is_dir() else None)
+        for name, p in skeleton.named_parameters():
+            if _is_expert(name):
+                value = torch.stack(
+                    [key_reader[f"{name}.{e}::fp32"].get(f"{name}.{e}::fp32") for e in range(p.shape[0])]
+                )
+            else:
+                value = key_reader[f"{name}::fp32"].get(f"{name}::fp32")
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"{ckpt}: {name} has shape {list(value.shape)}, config implies {list(p.shape)}"
+                )
+            for key, t in to_hf_tensors(name, value):
+                w.add(key, t)
+            del value
+        if cfg.is_moe and cfg.shared_expert_intermediate_size == 0:
+            for layer in cfg.moe_layers:
+                for key, t in empty_shared_expert(cfg, layer):
+                    w.add(key, t)
+        for name, b in bias.items():
+            if b.abs().sum() > 0:
+                w.add(name.replace("selection_bias", "e_score_correction_bias"), b)
+        counts = cfg.num_params()
+        report = {
+            "source_checkpoint": str(ckpt),
+            "step": meta.get("step"),
+            "tokens_seen": meta.get("tokens_seen"),
+            "ep_size": meta.get("ep_size"),
+            "zero_stage": meta.get("zero_stage"),
+            "architecture": "Qwen2MoeForCausalLM" if cfg.is_moe else "Qwen2ForCausalLM",
+            "dtype": str(dt).removeprefix("torch."),
+            "params_total": counts["total"],
+            "params_activated": counts["activated"],
+            "params_activated_non_embedding": counts["activated_non_embedding"],
+            "bytes_written": w.total_bytes,
+            "seconds": round(time.time() - start, 2),
+        }
+        w.write_json("export_report.json", report)
+    return report
+
+
+def _is_expert(name: str) -> bool:
+    return name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+
+
+def _selection_biases(ckpt: Path) -> dict[str, torch.Tensor]:
+    path = ckpt / "buffers.safetensors"
+    if not path.is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+    def _run(dcfg) -> None:
+        cfg: ExportConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
+        report = export(cfg.checkpoint, cfg.output, cfg.dtype, cfg.max_shard_bytes, cfg.overwrite)
+        print(json.dumps(report, indent=2))
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

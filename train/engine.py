@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 from collections.abc import Iterator
@@ -214,6 +215,17 @@ def clip_gradients(engine: Any) -> None:
     if engine.finemoe_clip > 0 and norm > engine.finemoe_clip:
         for g in grads:
             g.mul_(engine.finemoe_clip / (norm + 1e-6))
+
+
+def nonfinite_grads_without_zero(engine: Any) -> bool:
+    """Without ZeRO, DeepSpeed does not check gradients; `clip_gradients` measured them."""
+    norm = engine.finemoe_grad_norm
+    return engine.finemoe_clip is not None and norm is not None and not math.isfinite(norm)
+
+
+def step_was_applied(engine: Any) -> bool:
+    """False when DeepSpeed's ZeRO optimizer found non-finite gradients and skipped the update."""
+    return bool(getattr(engine, "_step_applied", True))
 
 
 def grad_norm(engine: Any) -> float:

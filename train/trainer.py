@@ -124,6 +124,17 @@ class Trainer:
             dp_world=self.world,
             micro_batch_size=cfg.deepspeed.micro_batch_size,
         )
+        self.eval_loader = None
+        if cfg.eval_every:  # built once; every evaluation rewinds it to the same first batch
+            self.eval_loader = build_loader(
+                cfg.data,
+                self.tokenizer,
+                split=Split.eval,
+                dp_rank=self.rank,
+                dp_world=self.world,
+                micro_batch_size=cfg.deepspeed.micro_batch_size,
+            )
+            self._eval_start = self.eval_loader.state_dict()
         self.callbacks: list[Callback] = []
         if self.rank == 0:
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))  # exports ship it
@@ -264,11 +275,12 @@ class Trainer:
             else:
                 loss = terms.loss
             engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
             ds.clip_gradients(engine)
-            with ds.skip_optimizer_step(
-                engine, skip=nonfinite and engine.is_gradient_accumulation_boundary()
-            ):
+            nonfinite = nonfinite or (boundary and ds.nonfinite_grads_without_zero(engine))
+            with ds.skip_optimizer_step(engine, skip=nonfinite and boundary):
                 engine.step()
+            nonfinite = nonfinite or (boundary and not ds.step_was_applied(engine))
             tokens += int(batch["input_ids"].numel())
             for k, v in (("loss", terms.loss), ("ce", terms.ce), ("aux", terms.aux), ("z", terms.z)):
                 if v is not None:
@@ -319,11 +331,11 @@ class Trainer:
         self.nonfinite_in_a_row += 1
         if self.rank == 0:
             print(
-                f"step {self.step + 1}: non-finite loss, update skipped ({self.nonfinite_in_a_row} in a row)"
+                f"step {self.step + 1}: non-finite loss or gradients, update skipped ({self.nonfinite_in_a_row} in a row)"
             )
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_in_a_row:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss (max_nonfinite_in_a_row="
+                f"{self.nonfinite_in_a_row} steps in a row had a non-finite loss or gradients (max_nonfinite_in_a_row="
                 f"{self.cfg.max_nonfinite_in_a_row}); stopping. Lower optim.lr or check the data."
             )
 

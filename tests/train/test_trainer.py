@@ -121,3 +121,26 @@ def test_config_errors_fail_before_building(tmp_path):
     assert "deepspeed.global_batch_size=7 != micro_batch_size=2 x grad_accum=1 x world=1" in res.stderr
     res = train(tmp_path / "bad", "max_steps=2", "optim.lrr=1", check=False)
     assert "Key 'lrr' not in 'OptimConfig'" in res.stderr
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
+    run = tmp_path / "run"
+    res = train(
+        run,
+        "max_steps=20",
+        "optim.lr=1e5",
+        "optim.grad_clip=0",
+        "schedule=constant",
+        "schedule.warmup_steps=0",
+        "max_nonfinite_in_a_row=3",
+        f"deepspeed.zero_stage={stage}",
+        check=False,
+    )
+    assert res.returncode != 0
+    assert (
+        "3 steps in a row had a non-finite loss or gradients (max_nonfinite_in_a_row=3); stopping"
+        in res.stderr
+    )
+    rows = metrics(run)
+    assert rows[-1]["train/skipped_steps"] == 2 and len(rows) < 20  # the third skip raises before logging

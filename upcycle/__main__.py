@@ -1,0 +1,55 @@
+"""`python -m upcycle source=<dense HF dir> output=<new dir> [moe.<field>=...] [upcycle.<field>=...]`.
+
+Hydra entry point (console script `finemoe-upcycle`). The MoE shape comes from a preset in
+`configs/upcycle/moe/` (default Qwen1.5-MoE-A2.7B), the recipe from `upcycle.*`; see
+docs/upcycling.md. Errors in the input are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from upcycle.config import MoEShape, UpcycleConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@dataclass(kw_only=True)
+class UpcycleJob:
+    """One upcycling run."""
+
+    source: str = "???"
+    """Dense Hugging Face Qwen2 checkpoint directory."""
+    output: str = "???"
+    """Directory to create for the Qwen2-MoE checkpoint."""
+    moe: MoEShape = field(default_factory=MoEShape)
+    """The MoE shape (dense dimensions come from the source's config.json)."""
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
+    """The recipe and output options."""
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from upcycle.run import upcycle
+
+    ConfigStore.instance().store(name="upcycle_schema", node=UpcycleJob)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="upcycle")
+    def _run(cfg) -> None:
+        job: UpcycleJob = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        try:
+            upcycle(job.source, job.output, job.moe, job.upcycle, verbose=True)
+        except ValueError as e:
+            print(f"finemoe-upcycle: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    _run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Upcycling configuration: the target MoE shape and the recipe that fills it.
+
+Design choices:
+- `MoEShape` holds only the fields an upcycling run may choose. Everything the dense source fixes
+  (hidden size, layers, heads, vocabulary, RoPE, norms, tying, special tokens) is read from its
+  config.json, so a preset can never silently disagree with the checkpoint it is applied to.
+- `UpcycleConfig` holds the recipe. Fields that a strategy does not use are ignored by it (the
+  docstrings say which strategy reads what); shape rules a strategy cannot meet are ValueErrors
+  raised by the strategy, naming the fields and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe.hf import DEFAULT_MAX_SHARD_BYTES, parse_dtype
+
+
+class Strategy(str, enum.Enum):
+    """How the dense FFN becomes experts (math in `upcycle/strategies.py` and docs/upcycling.md)."""
+
+    copy = "copy"  # sparse upcycling: every routed expert is the dense FFN (exact at init)
+    # LLaMA-MoE: the FFN's neurons partitioned into experts, no replication. (The member shadows
+    # str.split on Strategy values; nothing calls it, and Hydra matches choices by member name.)
+    split = "split"  # type: ignore[assignment]
+    finegrained = "finegrained"  # Qwen1.5-MoE / Qwen2 report: shuffled replicas cut into experts, 50% re-init
+    granular = "granular"  # NVIDIA virtual groups: G shards x E copies, grouped router rows, weight scaling
+
+
+class SplitMethod(str, enum.Enum):
+    """How `split` partitions the neurons (LLaMA-MoE's neuron-independent methods)."""
+
+    random = "random"  # an independent random partition per layer
+    contiguous = "contiguous"  # neurons [e*m, (e+1)*m) form expert e
+    clustering = "clustering"  # balanced k-means of the L2-normalised up_proj rows
+
+
+@dataclass(kw_only=True)
+class MoEShape:
+    """The MoE fields of the upcycled model; defaults are Qwen1.5-MoE-A2.7B's."""
+
+    num_experts: int = 60
+    """Routed experts per MoE layer."""
+    num_experts_per_tok: int = 4
+    """Routed experts each token is sent to (top-k)."""
+    moe_intermediate_size: int = 1408
+    """SwiGLU width of one routed expert (neurons)."""
+    shared_expert_intermediate_size: int = 5632
+    """SwiGLU width of the always-on shared expert (neurons); 0 for none."""
+    norm_topk_prob: bool = False
+    """Renormalise the top-k routing probabilities to sum to 1."""
+    decoder_sparse_step: int = 1
+    """Every `decoder_sparse_step`-th layer becomes MoE; the others keep the dense FFN."""
+    mlp_only_layers: list[int] = field(default_factory=list)
+    """Layers that keep the dense FFN (copied unchanged)."""
+    router_aux_loss_coef: float = 0.001
+    """Load-balancing loss weight written to config.json (transformers' definition)."""
+    intermediate_size: int | None = None
+    """config.json `intermediate_size` when every layer is MoE (then unused by the model; the public
+    A2.7B config has 5632). None, or any layer left dense, means the source's dense width."""
+
+    def validate(self) -> MoEShape:
+        """Raise ValueError naming the first offending field. Returns self."""
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"moe.{name} must be positive, got {getattr(self, name)}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError(
+                f"moe.shared_expert_intermediate_size must be >= 0, got {self.shared_expert_intermediate_size}"
+            )
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"moe.num_experts_per_tok={self.num_experts_per_tok} must be <= moe.num_experts={self.num_experts}"
+            )
+        if self.router_aux_loss_coef < 0:
+            raise ValueError(f"moe.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        if self.intermediate_size is not None and self.intermediate_size <= 0:
+            raise ValueError(f"moe.intermediate_size must be positive or null, got {self.intermediate_size}")
+        return self
+
+    @classmethod
+    def from_mapping(cls, fields: Mapping[str, Any]) -> MoEShape:
+        """Build from a dict of field values; an unknown key is a ValueError naming it."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"moe: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(fields))
+
+    def replace(self, **changes: Any) -> MoEShape:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(kw_only=True)
+class UpcycleConfig:
+    """The upcycling recipe and how the output is written."""
+
+    strategy: Strategy = Strategy.finegrained
+    """copy | split | finegrained | granular."""
+    split_method: SplitMethod = SplitMethod.random
+    """split only: random | contiguous | clustering."""
+    seed: int = 0
+    """Every random draw (shuffles, re-initialisation, router) is a function of (seed, layer, purpose)."""
+    reinit_fraction: float = 0.5
+    """finegrained only: fraction of each expert's neurons re-drawn from N(mean, std) of the dense matrix."""
+    router_init_std: float = 0.02
+    """Std of the normal router (and finegrained shared-expert gate) init."""
+    granular_exact: bool = False
+    """granular only: scale routed down projections by G instead of the paper's cube root, which makes
+    the model compute the dense function at init (needs norm_topk_prob and top-k a multiple of G)."""
+    split_down_scale: float = 1.0
+    """split only: factor on every routed down projection (LLaMA-MoE's gate `score_scale_factor`)."""
+    dtype: str = "source"
+    """Output dtype: source (the source tensors' dtype) | float32 | bfloat16 | float16."""
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    """Largest safetensors shard (bytes). Memory does not grow with it: tensors go straight to disk."""
+    dry_run: bool = False
+    """Print the plan (shapes, parameter counts, bytes) and write nothing."""
+    overwrite: bool = False
+    """Replace a non-empty output directory (only once the new one is complete)."""
+    progress: bool = True
+    """Show a progress bar over layers."""
+
+    def validate(self) -> UpcycleConfig:
+        """Raise ValueError naming the first offending field. Returns self."""
+        for name, enum_cls in (("strategy", Strategy), ("split_method", SplitMethod)):
+            try:
+                setattr(self, name, enum_cls(getattr(self, name)))
+            except ValueError:
+                choices = ", ".join(c.value for c in enum_cls)
+                raise ValueError(
+                    f"upcycle.{name}={getattr(self, name)!r} is unknown; choose one of {choices}"
+                ) from None
+        if not 0.0 <= self.reinit_fraction <= 1.0:
+            raise ValueError(f"upcycle.reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
+        if self.router_init_std < 0:
+            raise ValueError(f"upcycle.router_init_std must be >= 0, got {self.router_init_std}")
+        if self.split_down_scale <= 0:
+            raise ValueError(f"upcycle.split_down_scale must be positive, got {self.split_down_scale}")
+        if self.max_shard_bytes <= 0:
+            raise ValueError(f"upcycle.max_shard_bytes must be positive, got {self.max_shard_bytes}")
+        if self.dtype != "source":
+            try:
+                parse_dtype(self.dtype)
+            except ValueError:
+                raise ValueError(
+                    f"upcycle.dtype={self.dtype!r} is unknown; choose source, float32, bfloat16 or float16"
+                ) from None
+        return self
+
+    def replace(self, **changes: Any) -> UpcycleConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,290 @@
+"""Decide an upcycling run and check every input before anything is written.
+
+Design choices:
+- The upcycled config takes every dense field (hidden size, layers, heads, vocabulary, RoPE, norms,
+  tying, special tokens, FFN width) from the source's config.json and only the MoE fields from the
+  requested `MoEShape`; a strategy may force some of those (reported as `forced`).
+- `make_plan` reads config.json and safetensors headers only: the source's directory, config and
+  weights, every tensor's shape against the config, the MoE shape against the strategy's rules and
+  the output directory are all checked before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe.config import ModelConfig
+from moe.hf import (
+    CheckpointReader,
+    dtype_name,
+    empty_shared_expert,
+    expected_hf_shapes,
+    parse_dtype,
+    read_config,
+)
+from upcycle.config import MoEShape, Strategy, UpcycleConfig
+from upcycle.strategies import get_strategy
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+_IGNORED_SOURCE_KEYS = ("rotary_emb.inv_freq",)  # buffers some older exports include
+_SHAPE_FIELDS = (
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "norm_topk_prob",
+    "decoder_sparse_step",
+    "mlp_only_layers",
+    "router_aux_loss_coef",
+)
+
+
+def plan_config(
+    dense: ModelConfig, shape: MoEShape, cfg: UpcycleConfig
+) -> tuple[ModelConfig, dict[str, list[Any]]]:
+    """The upcycled model's config: dense fields from the source, MoE fields from `shape`.
+
+    Returns:
+        The validated MoE config and the fields the strategy forced, as {field: [requested, used]}.
+
+    Raises:
+        ValueError: naming the field and the rule when the strategy cannot realise the shape.
+    """
+    shape = dataclasses.replace(shape).validate()
+    cfg = dataclasses.replace(cfg).validate()
+    strategy = get_strategy(cfg.strategy)
+    forced_values = strategy.forced_fields(dense, shape)
+    forced = {k: [getattr(shape, k), v] for k, v in forced_values.items() if getattr(shape, k) != v}
+    shape = shape.replace(**forced_values)
+    moe = dense.replace(**{f: getattr(shape, f) for f in _SHAPE_FIELDS})
+    moe = moe.replace(mlp_only_layers=list(shape.mlp_only_layers))
+    for i in moe.mlp_only_layers:
+        if not 0 <= i < dense.num_hidden_layers:
+            raise ValueError(f"moe.mlp_only_layers holds {i}, outside [0, {dense.num_hidden_layers})")
+    if not moe.moe_layers:
+        raise ValueError(
+            "no layer would become MoE: moe.mlp_only_layers and moe.decoder_sparse_step="
+            f"{moe.decoder_sparse_step} leave all {dense.num_hidden_layers} layers dense"
+        )
+    dense_layers = [i for i in range(moe.num_hidden_layers) if not moe.is_moe_layer(i)]
+    if dense_layers:
+        if shape.intermediate_size not in (None, dense.intermediate_size):
+            raise ValueError(
+                f"moe.intermediate_size={shape.intermediate_size} must be null or the source's "
+                f"{dense.intermediate_size}: layers {dense_layers} keep the dense FFN"
+            )
+    elif shape.intermediate_size is not None:
+        moe = moe.replace(intermediate_size=shape.intermediate_size)
+    moe.validate()
+    strategy.check(moe, dense, cfg)
+    return moe, forced
+
+
+@dataclass
+class UpcyclePlan:
+    """Everything a run will do, decided and checked before anything is written."""
+
+    source: Path
+    output: Path
+    cfg: UpcycleConfig
+    shape: MoEShape
+    """The MoE shape as requested (before the strategy's forced fields)."""
+    dense: ModelConfig
+    moe: ModelConfig
+    forced: dict[str, list[Any]]
+    source_dtype: torch.dtype
+    dtype: torch.dtype
+    strategy_summary: dict[str, Any]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every output key with its shape, in file order."""
+        return output_shapes(self.moe)
+
+    @property
+    def bytes_to_write(self) -> int:
+        itemsize = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(math.prod(s) for s in self.shapes.values()) * itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the `plan` part of the report)."""
+        moe = self.moe
+        return {
+            "strategy": self.cfg.strategy.value,
+            "split_method": self.cfg.split_method.value if self.cfg.strategy is Strategy.split else None,
+            "seed": self.cfg.seed,
+            "forced_fields": self.forced,
+            "strategy_plan": self.strategy_summary,
+            "moe_layers": moe.moe_layers,
+            "dense_layers": [i for i in range(moe.num_hidden_layers) if not moe.is_moe_layer(i)],
+            "num_params": moe.num_params(),
+            "num_params_source": self.dense.num_params(),
+            "bytes_to_write": self.bytes_to_write,
+            "dtype": dtype_name(self.dtype),
+            "source_dtype": dtype_name(self.source_dtype),
+        }
+
+    def format(self) -> str:
+        """The human-readable plan printed by the CLI (and by dry runs)."""
+        d, m, c = self.dense, self.moe, self.cfg
+        n = m.num_params()
+        h, im, ish = m.hidden_size, m.moe_intermediate_size, m.shared_expert_intermediate_size
+        strategy = c.strategy.value + (f" ({c.split_method.value})" if c.strategy is Strategy.split else "")
+        shared = f" + shared expert {ish} (gated)" if ish else ", no shared expert"
+        per_layer = f"router [{m.num_experts}, {h}]; expert gate/up [{im}, {h}], down [{h}, {im}]"
+        if ish:
+            per_layer += f"; shared gate/up [{ish}, {h}], down [{h}, {ish}], shared_expert_gate [1, {h}]"
+        nbytes = self.bytes_to_write
+        rows = [
+            ("source", f"{self.source} (Qwen2, {dtype_name(self.source_dtype)})"),
+            (
+                "dense shape",
+                f"hidden {d.hidden_size}, {d.num_hidden_layers} layers, FFN {d.intermediate_size}, "
+                f"heads {d.num_attention_heads}/{d.num_key_value_heads}, vocab {d.vocab_size}",
+            ),
+            (
+                "output",
+                f"{self.output} ({dtype_name(self.dtype)}, shards <= {c.max_shard_bytes / 2**30:.2f} GiB)",
+            ),
+            ("strategy", f"{strategy}, seed {c.seed}"),
+            (
+                "MoE",
+                f"{m.num_experts} routed x {im}, top-{m.num_experts_per_tok}, "
+                f"norm_topk_prob={str(m.norm_topk_prob).lower()}{shared}; "
+                f"{len(m.moe_layers)} of {m.num_hidden_layers} layers MoE",
+            ),
+        ]
+        for field, (asked, used) in self.forced.items():
+            rows.append(("forced", f"{field}: {_fmt(asked)} -> {_fmt(used)} (strategy {c.strategy.value})"))
+        rows += [
+            ("strategy plan", ", ".join(f"{k} {_fmt(v)}" for k, v in self.strategy_summary.items()) or "-"),
+            ("per MoE layer", per_layer),
+            (
+                "parameters",
+                f"total {_count(n['total'])}, activated {_count(n['activated'])}, "
+                f"activated non-embedding {_count(n['activated_non_embedding'])} "
+                f"(source {_count(d.num_params()['total'])})",
+            ),
+            (
+                "bytes to write",
+                f"{nbytes / 1e9:.2f} GB ({nbytes:,} B), about {math.ceil(nbytes / c.max_shard_bytes)} shards",
+            ),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def output_shapes(moe: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """`expected_hf_shapes`, plus the zero-width shared expert of MoE layers without one.
+
+    transformers' Qwen2-MoE always builds a shared expert; writing it empty (and its gate zero) lets
+    `from_pretrained` load without "newly initialized" weights.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    last_expert = f".mlp.experts.{moe.num_experts - 1}.down_proj.weight"
+    for key, shape in expected_hf_shapes(moe).items():
+        shapes[key] = shape
+        if key.endswith(last_expert) and moe.shared_expert_intermediate_size == 0:
+            layer = int(key.split(".")[2])
+            shapes |= {k: tuple(t.shape) for k, t in empty_shared_expert(moe, layer)}
+    return shapes
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _stored_dtypes(reader: CheckpointReader) -> dict[str, str]:
+    """Every tensor's safetensors dtype string, from the file headers only."""
+    out: dict[str, str] = {}
+    for path in sorted(set(reader.key_to_file.values())):
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read the safetensors header ({e})") from None
+        out |= {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return out
+
+
+def _check_source(source: Path) -> tuple[ModelConfig, CheckpointReader]:
+    dense, raw = read_config(source)
+    if dense.is_moe or raw.get("model_type") == "qwen2_moe":
+        raise ValueError(
+            f"{source} is already a Qwen2-MoE model (num_experts={raw.get('num_experts')}); "
+            "upcycling needs a dense Qwen2 checkpoint"
+        )
+    reader = CheckpointReader(source)
+    expected = expected_hf_shapes(dense)
+    for key, shape in expected.items():
+        if key not in reader:
+            raise ValueError(f"{source}: tensor {key!r} is missing from the checkpoint")
+        reader.check_shape(key, shape)
+    extra = [
+        k
+        for k in reader.key_to_file
+        if k not in expected
+        and not (k == "lm_head.weight" and dense.tie_word_embeddings)
+        and not k.endswith(_IGNORED_SOURCE_KEYS)
+    ]
+    if extra:
+        more = f" (+{len(extra) - 5} more)" if len(extra) > 5 else ""
+        raise ValueError(
+            f"{source}: tensors a Qwen2 model with this config.json does not have: {extra[:5]}{more}"
+        )
+    return dense, reader
+
+
+def make_plan(
+    source: str | Path, output: str | Path, shape: MoEShape | Mapping[str, Any], cfg: UpcycleConfig
+) -> UpcyclePlan:
+    """Check every input and decide the run; reads config.json and safetensors headers only.
+
+    Raises:
+        ValueError: for a missing or unreadable source, a non-Qwen2 or MoE source, tensors that disagree
+            with the source config, an MoE shape the strategy cannot realise, or a non-empty output
+            directory without `overwrite`.
+    """
+    source, output = Path(source), Path(output)
+    shape = shape if isinstance(shape, MoEShape) else MoEShape.from_mapping(shape)
+    cfg = dataclasses.replace(cfg).validate()
+    dense, reader = _check_source(source)
+    moe, forced = plan_config(dense, shape, cfg)
+    dtypes = _stored_dtypes(reader)
+    ffn_key = f"model.layers.{moe.moe_layers[0]}.mlp.gate_proj.weight"
+    for key, name in dtypes.items():
+        if name not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{source}: tensor {key!r} is stored as {name}; only float checkpoints are upcycled"
+            )
+    source_dtype = _SAFETENSORS_DTYPES[dtypes[ffn_key]]
+    dtype = source_dtype if cfg.dtype == "source" else parse_dtype(cfg.dtype)
+    if output.exists():
+        if not output.is_dir():
+            raise ValueError(f"output {output} exists and is not a directory")
+        if output.resolve() == source.resolve():
+            raise ValueError(f"output {output} is the source directory; choose a new directory")
+        if any(output.iterdir()) and not cfg.overwrite:
+            raise ValueError(
+                f"output directory {output} is not empty (set upcycle.overwrite=true to replace it)"
+            )
+    summary = get_strategy(cfg.strategy).summary(moe, dense, cfg)
+    return UpcyclePlan(source, output, cfg, shape, dense, moe, forced, source_dtype, dtype, summary)

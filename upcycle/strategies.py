@@ -1,0 +1,363 @@
+"""Upcycling strategies: which dense neurons fill which expert, with what scale and router.
+
+Shape legend: H hidden, F dense FFN width, N routed experts, m routed expert width, S shared expert
+width, K experts per token (top-k), G granularity (shards of the dense FFN), E copies of each shard,
+r replicas of the dense FFN.
+
+A SwiGLU FFN is a sum over its intermediate *neurons*: neuron j is the triple (gate row W_g[j], up
+row W_u[j], down column W_d[:, j]) and FFN(x) = sum_j W_d[:, j] * silu(W_g[j] . x) * (W_u[j] . x).
+An expert is a list of neuron slots, so every strategy is a `LayerPlan`: for each slot, the dense
+neuron it copies (or -1 for a new neuron: random gate/up rows, zero down column, which adds nothing
+to the output but still receives gradients), whether it is re-initialised, a scale per projection,
+and how the router rows are initialised. `upcycle/build.py` turns a plan and the dense weights into
+tensors; the math of each strategy is in its class docstring and in docs/upcycling.md.
+
+Every random draw comes from `seeded_generator(seed, layer, purpose...)`, so a layer's plan does not
+depend on the order in which layers (or experts) are built, and a run is reproducible from `seed`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from moe.config import ModelConfig
+from upcycle.clustering import balanced_kmeans
+from upcycle.config import MoEShape, SplitMethod, Strategy, UpcycleConfig
+
+
+def seeded_generator(seed: int, layer: int, *purpose: object) -> torch.Generator:
+    """A CPU generator seeded from a hash of (seed, layer, purpose...): independent streams per use."""
+    digest = hashlib.sha256(repr((int(seed), int(layer), *purpose)).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Factors on an expert's gate rows, up rows and down columns."""
+
+    gate: float = 1.0
+    up: float = 1.0
+    down: float = 1.0
+
+
+@dataclass
+class LayerPlan:
+    """Where every neuron of one MoE layer comes from."""
+
+    routed_NM: torch.Tensor
+    """int64 [N, m]: dense neuron copied into each routed slot; -1 = new neuron."""
+    shared_S: torch.Tensor
+    """int64 [S]: dense neuron copied into each shared-expert slot; -1 = new neuron."""
+    reinit_NM: torch.Tensor
+    """bool [N, m]: slot re-drawn from N(mean, std) of the dense matrices (gate/up rows, down column)."""
+    shared_reinit_S: torch.Tensor
+    """bool [S]: the same for the shared expert."""
+    routed_scales: Scales = Scales()
+    shared_scales: Scales = Scales()
+    router_group: int = 1
+    """Router rows are identical within each block of this many consecutive experts."""
+    shared_gate_zero: bool = False
+    """shared_expert_gate.weight = 0 (sigmoid 1/2) instead of a random normal row."""
+
+    def neuron_counts(self, dense_width: int, include_reinit: bool = False) -> torch.Tensor:
+        """int64 [F]: how many slots (routed and shared) copy each dense neuron."""
+        idx = torch.cat([self.routed_NM.flatten(), self.shared_S])
+        keep = torch.cat([self.reinit_NM.flatten(), self.shared_reinit_S]).logical_not() | include_reinit
+        idx = idx[keep & (idx >= 0)]
+        return torch.bincount(idx, minlength=dense_width)
+
+
+def _no_reinit(n: int, m: int) -> torch.Tensor:
+    return torch.zeros(n, m, dtype=torch.bool)
+
+
+class UpcycleStrategy:
+    """Interface: fields a strategy fixes, the shape rules it needs, and one layer's plan."""
+
+    name: ClassVar[Strategy]
+
+    def forced_fields(self, dense: ModelConfig, shape: MoEShape) -> dict[str, Any]:
+        """MoE fields this strategy sets whatever the preset says (reported in the plan)."""
+        return {}
+
+    def check(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> None:
+        """Raise ValueError naming the fields and the rule if `moe` cannot be realised."""
+
+    def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
+        """Numbers for the printed plan and the report."""
+        return {}
+
+    def plan_layer(
+        self,
+        layer: int,
+        moe: ModelConfig,
+        dense: ModelConfig,
+        cfg: UpcycleConfig,
+        up_FH: torch.Tensor | None = None,
+    ) -> LayerPlan:
+        """The plan of MoE layer `layer`; `up_FH` (the dense up_proj) is needed only by clustering."""
+        raise NotImplementedError
+
+
+class Copy(UpcycleStrategy):
+    """Sparse upcycling (Komatsuzaki et al. 2022; Mixtral-style).
+
+    Every routed expert is the whole dense FFN: E_e = FFN for all e, no shared expert, random router,
+    top-k weights renormalised. Then y = sum_{k in topK} w_k E_k(x) = (sum_k w_k) FFN(x) = FFN(x):
+    the model computes exactly the dense function at init, whatever the router.
+    Forces moe_intermediate_size = F, shared_expert_intermediate_size = 0, norm_topk_prob = true.
+    """
+
+    name = Strategy.copy
+
+    def forced_fields(self, dense: ModelConfig, shape: MoEShape) -> dict[str, Any]:
+        return {
+            "moe_intermediate_size": dense.intermediate_size,
+            "shared_expert_intermediate_size": 0,
+            "norm_topk_prob": True,
+        }
+
+    def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
+        return {"copies_of_dense_ffn": moe.num_experts, "exact_at_init": True}
+
+    def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
+        n, f = moe.num_experts, dense.intermediate_size
+        return LayerPlan(
+            routed_NM=torch.arange(f).expand(n, f).clone(),
+            shared_S=torch.empty(0, dtype=torch.long),
+            reinit_NM=_no_reinit(n, f),
+            shared_reinit_S=torch.zeros(0, dtype=torch.bool),
+        )
+
+
+class Split(UpcycleStrategy):
+    """LLaMA-MoE (Zhu et al. 2024), neuron-independent construction.
+
+    The F dense neurons are partitioned into N disjoint index sets S_1..S_N of m = F / N neurons and
+    E_e(x) = sum_{j in S_e} W_d[:, j] silu(W_g[j] . x)(W_u[j] . x), so sum_e E_e = FFN exactly and no
+    neuron is replicated. The partition is `random` (an independent random permutation per layer),
+    `contiguous` (S_e = [e m, (e+1) m)) or `clustering` (balanced k-means of the L2-normalised up_proj
+    rows, LLaMA-MoE's default `proj_type`). Only K of the N pieces run per token, so the model is not
+    the dense function at init; `split_down_scale` multiplies every routed down projection (LLaMA-MoE
+    multiplies the gate scores by a constant `score_scale_factor`, which Qwen2-MoE has no field for).
+    Rules: shared_expert_intermediate_size = 0, num_experts x moe_intermediate_size = F.
+    """
+
+    name = Strategy.split
+
+    def check(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> None:
+        n, m, f = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
+        if moe.shared_expert_intermediate_size != 0:
+            raise ValueError(
+                "strategy split partitions the dense FFN among routed experts only: set "
+                f"moe.shared_expert_intermediate_size=0 (got {moe.shared_expert_intermediate_size})"
+            )
+        if n * m != f:
+            raise ValueError(
+                "strategy split partitions the dense neurons without replication: moe.num_experts x "
+                f"moe.moe_intermediate_size must equal the source's intermediate_size, got {n} x {m} = {n * m} "
+                f"!= {f}"
+            )
+
+    def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
+        return {"split_method": cfg.split_method.value, "down_scale": cfg.split_down_scale}
+
+    def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
+        n, m, f = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
+        method = SplitMethod(cfg.split_method)
+        if method is SplitMethod.contiguous:
+            routed = torch.arange(f).view(n, m)
+        elif method is SplitMethod.random:
+            routed = torch.randperm(f, generator=seeded_generator(cfg.seed, layer, "split")).view(n, m)
+        else:
+            if up_FH is None:
+                raise ValueError("split_method=clustering needs the dense up_proj weights")
+            labels_F = balanced_kmeans(up_FH, n, seeded_generator(cfg.seed, layer, "kmeans"))
+            routed = torch.stack([(labels_F == e).nonzero().squeeze(1) for e in range(n)])
+        return LayerPlan(
+            routed_NM=routed,
+            shared_S=torch.empty(0, dtype=torch.long),
+            reinit_NM=_no_reinit(n, m),
+            shared_reinit_S=torch.zeros(0, dtype=torch.bool),
+            routed_scales=Scales(down=cfg.split_down_scale),
+        )
+
+
+class FineGrained(UpcycleStrategy):
+    """Qwen1.5-MoE's initialisation (Qwen2 technical report, "expert initialization").
+
+    With r = ceil((N m + S) / F) replicas of the dense FFN, replica i's neurons are shuffled by an
+    independent permutation pi_i; the pool pi_0 ++ pi_1 ++ ... (r F neurons) is cut into N routed
+    experts of m neurons, then the shared expert's S neurons, and the r F - N m - S leftovers are
+    dropped (A2.7B from 1.8B: r = ceil((60 x 1408 + 5632) / 5504) = 17). So every expert is made of
+    dense neurons, no neuron appears twice within a replica, and each appears at most r times.
+    Then round(reinit_fraction x m) slots of every routed expert (and of the shared expert) are chosen
+    at random and re-drawn: gate row ~ N(mean(W_g), std(W_g)), up row ~ N(mean(W_u), std(W_u)), down
+    column ~ N(mean(W_d), std(W_d)), with the statistics of the whole dense matrix of that layer. The
+    report says "randomly reinitialize 50% of the parameters" without the distribution; this is
+    Drop-Upcycling's scheme (Nakamura et al. 2025). Router and shared-expert gate: N(0, router_init_std).
+    """
+
+    name = Strategy.finegrained
+
+    @staticmethod
+    def num_replicas(moe: ModelConfig, dense: ModelConfig) -> int:
+        needed = moe.num_experts * moe.moe_intermediate_size + moe.shared_expert_intermediate_size
+        return math.ceil(needed / dense.intermediate_size)
+
+    def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
+        r = self.num_replicas(moe, dense)
+        used = moe.num_experts * moe.moe_intermediate_size + moe.shared_expert_intermediate_size
+        return {
+            "replicas": r,
+            "pool_neurons": r * dense.intermediate_size,
+            "used_neurons": used,
+            "discarded_neurons": r * dense.intermediate_size - used,
+            "reinit_per_expert": _num_reinit(cfg.reinit_fraction, moe.moe_intermediate_size),
+            "reinit_shared": _num_reinit(cfg.reinit_fraction, moe.shared_expert_intermediate_size),
+        }
+
+    def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
+        n, m, s, f = (
+            moe.num_experts,
+            moe.moe_intermediate_size,
+            moe.shared_expert_intermediate_size,
+            dense.intermediate_size,
+        )
+        pool = torch.cat(
+            [
+                torch.randperm(f, generator=seeded_generator(cfg.seed, layer, "replica", i))
+                for i in range(self.num_replicas(moe, dense))
+            ]
+        )
+        k = _num_reinit(cfg.reinit_fraction, m)
+        reinit = torch.zeros(n, m, dtype=torch.bool)
+        for e in range(n):
+            reinit[e, torch.randperm(m, generator=seeded_generator(cfg.seed, layer, "reinit", e))[:k]] = True
+        shared_reinit = torch.zeros(s, dtype=torch.bool)
+        if s:
+            g = seeded_generator(cfg.seed, layer, "reinit", "shared")
+            shared_reinit[torch.randperm(s, generator=g)[: _num_reinit(cfg.reinit_fraction, s)]] = True
+        return LayerPlan(
+            routed_NM=pool[: n * m].view(n, m).clone(),
+            shared_S=pool[n * m : n * m + s].clone(),
+            reinit_NM=reinit,
+            shared_reinit_S=shared_reinit,
+        )
+
+
+def _num_reinit(fraction: float, width: int) -> int:
+    return math.floor(fraction * width + 0.5)
+
+
+class Granular(UpcycleStrategy):
+    """NVIDIA's virtual-group upcycling ("Upcycling Large Language Models into Mixture of Experts", 2024).
+
+    The shared expert (if S > 0) takes dense neurons [0, S), with shared_expert_gate = 0 (sigmoid = 1/2)
+    and its down projection x 2, so it contributes exactly its neurons' share of FFN(x). The remaining
+    F - S neurons are cut into G = ceil((F - S) / m) contiguous shards of m neurons (the last one padded
+    with new neurons: random gate/up, zero down), and routed expert e is copy e // G of shard e mod G
+    (E = N / G copies). Router rows are identical within each virtual group {gG, ..., gG + G - 1}, so
+    every group has the same probability for all its members and top-k picks whole groups, i.e. one
+    copy of every shard, when K is a multiple of G.
+    Default (the paper's weight scaling): gate, up and down of every routed expert x (E G^2 / K)^(1/3),
+    which compensates the T / (E G^2) shrinkage of the output under uniform router probabilities.
+    `granular_exact`: routed down x G instead. With norm_topk_prob and K = cG, the K selected weights
+    are p_g / (G sum_g' p_g') for c groups, so y_routed = sum_g p_g / (G sum p) x G x sum_shards = the
+    routed neurons' share of FFN(x) exactly (reference.md 3.iii).
+    Rules: S < F; num_experts a multiple of G; exact also needs norm_topk_prob and K a multiple of G.
+    """
+
+    name = Strategy.granular
+
+    @staticmethod
+    def granularity(moe: ModelConfig, dense: ModelConfig) -> int:
+        routed_neurons = dense.intermediate_size - moe.shared_expert_intermediate_size
+        return math.ceil(routed_neurons / moe.moe_intermediate_size)
+
+    def check(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> None:
+        f, s, m = dense.intermediate_size, moe.shared_expert_intermediate_size, moe.moe_intermediate_size
+        if s >= f:
+            raise ValueError(
+                "strategy granular takes the shared expert's neurons from the dense FFN and shards the rest: "
+                f"moe.shared_expert_intermediate_size={s} must be < the source's intermediate_size={f}"
+            )
+        g = self.granularity(moe, dense)
+        if moe.num_experts % g:
+            raise ValueError(
+                f"strategy granular: moe.num_experts={moe.num_experts} must be a multiple of G = "
+                f"ceil((intermediate_size - moe.shared_expert_intermediate_size) / moe.moe_intermediate_size)"
+                f" = ceil(({f} - {s}) / {m}) = {g}"
+            )
+        if cfg.granular_exact:
+            if not moe.norm_topk_prob:
+                raise ValueError(
+                    "upcycle.granular_exact=true needs renormalised top-k weights: set moe.norm_topk_prob=true"
+                )
+            if moe.num_experts_per_tok % g:
+                raise ValueError(
+                    f"upcycle.granular_exact=true needs moe.num_experts_per_tok={moe.num_experts_per_tok} to be "
+                    f"a multiple of G = {g} (top-k must select whole virtual groups)"
+                )
+
+    def scale(self, moe: ModelConfig, dense: ModelConfig) -> float:
+        g = self.granularity(moe, dense)
+        e = moe.num_experts // g
+        return (e * g * g / moe.num_experts_per_tok) ** (1.0 / 3.0)
+
+    def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
+        g = self.granularity(moe, dense)
+        out: dict[str, Any] = {
+            "granularity_G": g,
+            "copies_E": moe.num_experts // g,
+            "padding_neurons": g * moe.moe_intermediate_size
+            - (dense.intermediate_size - moe.shared_expert_intermediate_size),
+            "exact_at_init": bool(cfg.granular_exact),
+        }
+        if cfg.granular_exact:
+            out["routed_down_scale"] = g
+        else:
+            out["routed_weight_scale"] = self.scale(moe, dense)
+        return out
+
+    def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
+        n, m, s, f = (
+            moe.num_experts,
+            moe.moe_intermediate_size,
+            moe.shared_expert_intermediate_size,
+            dense.intermediate_size,
+        )
+        g = self.granularity(moe, dense)
+        shards_GM = torch.full((g * m,), -1, dtype=torch.long)
+        shards_GM[: f - s] = torch.arange(s, f)
+        shards_GM = shards_GM.view(g, m)
+        routed = shards_GM[torch.arange(n) % g]
+        if cfg.granular_exact:
+            scales = Scales(down=float(g))
+        else:
+            c = self.scale(moe, dense)
+            scales = Scales(gate=c, up=c, down=c)
+        return LayerPlan(
+            routed_NM=routed,
+            shared_S=torch.arange(s),
+            reinit_NM=_no_reinit(n, m),
+            shared_reinit_S=torch.zeros(s, dtype=torch.bool),
+            routed_scales=scales,
+            shared_scales=Scales(down=2.0),
+            router_group=g,
+            shared_gate_zero=True,
+        )
+
+
+STRATEGIES: dict[Strategy, UpcycleStrategy] = {
+    s.name: s for s in (Copy(), Split(), FineGrained(), Granular())
+}
+
+
+def get_strategy(name: Strategy | str) -> UpcycleStrategy:
+    return STRATEGIES[Strategy(name)]

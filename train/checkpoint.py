@@ -205,10 +205,11 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
 
 def _rng_state() -> dict[str, Any]:
     py = random.getstate()
-    state = {
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": int(np.random.get_state()[2]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
         "python": torch.tensor(py[1], dtype=torch.int64),
     }
     if torch.cuda.is_available():

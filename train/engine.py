@@ -118,14 +118,15 @@ def shard_experts(model: nn.Module, ep_size: int) -> str | None:
             ex.expert_parallel = ExpertParallel(ep_group, ex.num_experts)
         ex.expert_offset = sl.start
         for p in (ex.gate_up_proj, ex.down_proj):
-            p.allreduce = False  # DeepSpeed's flag: reduce over the expert-data-parallel group only
-            p.group_name = name
+            p.allreduce = False  # type: ignore[attr-defined]  # DeepSpeed's flag: reduce over EDP only
+            p.group_name = name  # type: ignore[attr-defined]
     return name
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: decay for matrices (experts included), none for biases and norms; MoE split."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if not p.requires_grad:
             continue
@@ -247,7 +248,7 @@ def skip_optimizer_step(engine: Any, skip: bool) -> Iterator[None]:
     opt = _torch_optimizer(engine)
     original = opt.step
     last_epoch = engine.lr_scheduler.last_epoch
-    opt.step = lambda *a, **k: None  # type: ignore[method-assign]
+    opt.step = lambda *a, **k: None  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

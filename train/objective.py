@@ -66,7 +66,7 @@ class Objective:
             packed = torch.cat([counts, rows[None]])
             dist.all_reduce(packed, group=self.dp_group)
             counts, rows = packed[:-1], packed[-1]
-        if self._step_counts is not None:
+        if self._step_counts is not None and self._step_rows is not None:
             counts, rows = counts + self._step_counts, rows + self._step_rows
         self._step_counts, self._step_rows = counts, rows
         # the count factor is global; P (with gradient) is over the local rows only

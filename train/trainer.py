@@ -316,8 +316,8 @@ class Trainer:
             metrics["perf/mfu"] = achieved / (peak * 1e12)
         if load_LE is not None:
             metrics["train/aux_loss"], metrics["train/z_loss"] = aux, z
-            for k, v in expert_load(load_LE).items():
-                metrics[f"moe/load_{k}"] = v
+            for k, value in expert_load(load_LE).items():
+                metrics[f"moe/load_{k}"] = value
             frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)
             for layer, idx in enumerate(self.mcfg.moe_layers):
                 metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(frac_LE[layer].max() * frac_LE.shape[-1])

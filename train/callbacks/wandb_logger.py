@@ -23,7 +23,7 @@ class WandbLogger(Callback):
             project=self.project,
             name=self.name or run_dir.name,
             dir=str(run_dir),
-            mode=self.mode,
+            mode=self.mode,  # type: ignore[arg-type]
             config=config,
             id=_run_id(run_dir),
             resume="allow",

@@ -1,0 +1,162 @@
+"""Documented properties of the strategies that are not exact at init (docs/upcycling.md)."""
+
+import math
+
+import pytest
+import torch
+
+from moe.hf import read_config
+from tests.upcycle.fixtures import FFN, MLP_STATS, experts, make_dense, report, tensors
+from upcycle import MoEShape, UpcycleConfig, plan_config, upcycle
+from upcycle.clustering import balanced_kmeans
+from upcycle.strategies import get_strategy, seeded_generator
+
+# 10 routed experts of 16 + a shared expert of 32 from a 96-wide FFN: r = ceil((160 + 32) / 96) = 2
+FINE = MoEShape(
+    num_experts=10, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
+)
+
+
+def _match(rows_MH: torch.Tensor, dense_FH: torch.Tensor) -> torch.Tensor:
+    """Index of the dense row equal to each row, or -1 where none is."""
+    eq_MF = (rows_MH[:, None, :] == dense_FH[None, :, :]).all(-1)
+    return torch.where(eq_MF.any(1), eq_MF.int().argmax(1), -1)
+
+
+def _neurons(gate, up, down_HM, dense):
+    """Dense neuron of each slot, -1 where gate row, up row and down column are not all one dense neuron."""
+    g = _match(gate, dense["gate"])
+    u = _match(up, dense["up"])
+    d = _match(down_HM.T, dense["down"].T)
+    return torch.where((g == u) & (u == d), g, -1), (g >= 0) | (u >= 0) | (d >= 0)
+
+
+def _dense_mlp(directory, layer):
+    t = tensors(directory, f"model.layers.{layer}.mlp.")
+    p = f"model.layers.{layer}.mlp."
+    return {k: t[p + f"{k}_proj.weight"] for k in ("gate", "up", "down")}
+
+
+def _shared(directory, layer):
+    t = tensors(directory, f"model.layers.{layer}.mlp.shared_expert.")
+    p = f"model.layers.{layer}.mlp.shared_expert."
+    return tuple(t[p + f"{k}_proj.weight"] for k in ("gate", "up", "down"))
+
+
+def test_finegrained_without_reinit_is_made_of_dense_neurons(tmp_path):
+    make_dense(tmp_path / "dense")
+    cfg = UpcycleConfig(reinit_fraction=0.0, progress=False)
+    upcycle(tmp_path / "dense", tmp_path / "moe", FINE, cfg)
+    r = math.ceil((10 * 16 + 32) / FFN)
+    assert report(tmp_path / "moe")["plan"]["strategy_plan"]["replicas"] == r == 2
+    dense_cfg, _ = read_config(tmp_path / "dense")
+    moe_cfg, _ = plan_config(dense_cfg, FINE, cfg)
+    for layer in range(2):
+        dense = _dense_mlp(tmp_path / "dense", layer)
+        found = [_neurons(*ex, dense)[0] for ex in experts(tmp_path / "moe", layer, 10)]
+        found.append(_neurons(*_shared(tmp_path / "moe", layer), dense)[0])
+        idx = torch.cat(found)
+        assert (idx >= 0).all(), "every slot is a neuron of the dense FFN"
+        counts = torch.bincount(idx, minlength=FFN)
+        assert counts.max() <= r
+        plan = get_strategy("finegrained").plan_layer(layer, moe_cfg, dense_cfg, cfg)
+        assert torch.equal(counts, plan.neuron_counts(FFN))
+        assert torch.equal(idx, torch.cat([plan.routed_NM.flatten(), plan.shared_S]))
+        for e, ids in enumerate(
+            found[:-1]
+        ):  # within one replica a neuron appears once: no repeats inside an expert
+            assert ids.unique().numel() == 16, e
+
+
+def test_finegrained_reinit_half_of_each_expert(tmp_path):
+    make_dense(tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", FINE, UpcycleConfig(reinit_fraction=0.5, progress=False))
+    drawn = {"gate": [], "up": [], "down": []}
+    for layer in range(2):
+        dense = _dense_mlp(tmp_path / "dense", layer)
+        slots = [*experts(tmp_path / "moe", layer, 10), _shared(tmp_path / "moe", layer)]
+        for gate, up, down in slots:
+            idx, any_match = _neurons(gate, up, down, dense)
+            fresh = idx < 0
+            assert fresh.sum() == gate.shape[0] // 2, "half of each expert's neurons are re-drawn"
+            assert not any_match[fresh].any(), "a re-drawn neuron shares no row or column with the dense FFN"
+            drawn["gate"].append(gate[fresh].flatten())
+            drawn["up"].append(up[fresh].flatten())
+            drawn["down"].append(down[:, fresh].flatten())
+    for name, values in drawn.items():
+        x = torch.cat(values)  # 2 layers x (10 x 8 + 16) neurons x 64 = 12288 draws
+        mean, std = MLP_STATS[f"{name}_proj"]
+        assert abs(x.mean() - mean) < 0.1 * std, name
+        assert abs(x.std() / std - 1) < 0.05, name
+
+
+def test_same_seed_same_bytes_other_seed_other_experts(tmp_path):
+    make_dense(tmp_path / "dense")
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        upcycle(tmp_path / "dense", tmp_path / name, FINE, UpcycleConfig(seed=seed, progress=False))
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert shards
+    for s in shards:
+        assert (tmp_path / "a" / s).read_bytes() == (tmp_path / "b" / s).read_bytes()
+    a, c = tensors(tmp_path / "a"), tensors(tmp_path / "c")
+    for key in a:
+        if ".mlp." in key:
+            assert not torch.equal(a[key], c[key]), key
+        else:
+            assert torch.equal(a[key], c[key]), key
+
+
+@pytest.mark.parametrize("method", ["random", "contiguous", "clustering"])
+def test_split_partitions_the_dense_neurons(method, tmp_path):
+    make_dense(tmp_path / "dense")
+    shape = MoEShape(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=0
+    )
+    upcycle(
+        tmp_path / "dense",
+        tmp_path / "moe",
+        shape,
+        UpcycleConfig(strategy="split", split_method=method, progress=False),
+    )
+    for layer in range(2):
+        dense = _dense_mlp(tmp_path / "dense", layer)
+        idx = torch.cat([_neurons(*ex, dense)[0] for ex in experts(tmp_path / "moe", layer, 6)])
+        assert torch.equal(idx.sort().values, torch.arange(FFN)), "each dense neuron in exactly one expert"
+        if method == "contiguous":
+            assert torch.equal(idx, torch.arange(FFN))
+        else:
+            assert not torch.equal(idx, torch.arange(FFN))
+
+
+def test_split_down_scale(tmp_path):
+    make_dense(tmp_path / "dense")
+    shape = MoEShape(
+        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=0
+    )
+    upcycle(
+        tmp_path / "dense",
+        tmp_path / "moe",
+        shape,
+        UpcycleConfig(strategy="split", split_method="contiguous", split_down_scale=3.0, progress=False),
+    )
+    dense, (gate, _, down) = _dense_mlp(tmp_path / "dense", 0), experts(tmp_path / "moe", 0, 6)[2]
+    torch.testing.assert_close(gate, dense["gate"][32:48], rtol=0, atol=0)
+    torch.testing.assert_close(down, 3.0 * dense["down"][:, 32:48])
+
+
+def test_balanced_kmeans_recovers_planted_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(6, 32, generator=g)
+    truth = torch.randperm(48, generator=g) % 6  # 8 points per cluster
+    points = centers[truth] + 0.05 * torch.randn(48, 32, generator=g)
+    labels = balanced_kmeans(points, 6, seeded_generator(0, 0, "kmeans"))
+    assert torch.bincount(labels).tolist() == [8] * 6
+    for c in range(6):  # the same partition up to renaming the clusters
+        assert labels[truth == c].unique().numel() == 1
+
+
+def test_seeded_generators_are_independent_streams():
+    a = torch.randn(4, generator=seeded_generator(0, 3, "router"))
+    assert torch.equal(a, torch.randn(4, generator=seeded_generator(0, 3, "router")))
+    for other in ((1, 3, "router"), (0, 4, "router"), (0, 3, "replica", 0)):
+        assert not torch.equal(a, torch.randn(4, generator=seeded_generator(*other)))

@@ -61,7 +61,7 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
             repetition_penalty=1.3,
             pad_token_id=tok.eos_token_id,
         )
-    return tok.decode(out[0], skip_special_tokens=True)
+    return str(tok.decode(out[0], skip_special_tokens=True))
 
 
 def main() -> None:

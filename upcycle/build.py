@@ -5,9 +5,11 @@ Shape legend: H hidden, F dense FFN width, m expert width, N routed experts.
 Design choices:
 - Tensors are produced one expert at a time (a generator), so a layer's experts never sit in memory
   together; the caller hands each to the shard writer and drops it.
-- The dense matrices are held in fp32 with the down projection transposed (`down_FH`), so that a
-  neuron is one row of each matrix and an expert is three `index_select`s. Copies of bf16/fp16
-  weights survive the fp32 round trip bit for bit.
+- The dense matrices are held with the down projection transposed (`down_FH`), so that a neuron is
+  one row of each matrix and an expert is three `index_select`s; in the output dtype, or in fp32 when
+  the plan scales weights (one rounding, after the scale). Copied neurons are bit-exact.
+- Every expert is assembled in buffers reused across the layer (`Workspace`); only the tensors
+  handed to the writer are new memory. On a VM a page fault costs more than the copy it precedes.
 - The random draws of an expert come from its own generator (seed, layer, "neurons", expert), in a
   fixed order (gate rows, up rows, down columns), so any expert can be rebuilt alone.
 """

@@ -59,9 +59,10 @@ class MoEShape:
     """Layers that keep the dense FFN (copied unchanged)."""
     router_aux_loss_coef: float = 0.001
     """Load-balancing loss weight written to config.json (transformers' definition)."""
-    intermediate_size: int | None = None
+    intermediate_size: int | None = 5632
     """config.json `intermediate_size` when every layer is MoE (then unused by the model; the public
-    A2.7B config has 5632). None, or any layer left dense, means the source's dense width."""
+    A2.7B config has 5632). When a layer stays dense it copies the source FFN, so the source's width
+    is written instead; null means the source's width always."""
 
     def validate(self) -> MoEShape:
         """Raise ValueError naming the first offending field. Returns self."""

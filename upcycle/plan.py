@@ -79,14 +79,8 @@ def plan_config(
             "no layer would become MoE: moe.mlp_only_layers and moe.decoder_sparse_step="
             f"{moe.decoder_sparse_step} leave all {dense.num_hidden_layers} layers dense"
         )
-    dense_layers = [i for i in range(moe.num_hidden_layers) if not moe.is_moe_layer(i)]
-    if dense_layers:
-        if shape.intermediate_size not in (None, dense.intermediate_size):
-            raise ValueError(
-                f"moe.intermediate_size={shape.intermediate_size} must be null or the source's "
-                f"{dense.intermediate_size}: layers {dense_layers} keep the dense FFN"
-            )
-    elif shape.intermediate_size is not None:
+    all_moe = len(moe.moe_layers) == moe.num_hidden_layers
+    if all_moe and shape.intermediate_size is not None:  # else: dense layers copy the source's FFN
         moe = moe.replace(intermediate_size=shape.intermediate_size)
     moe.validate()
     strategy.check(moe, dense, cfg)

@@ -266,7 +266,7 @@ class Granular(UpcycleStrategy):
     every group has the same probability for all its members and top-k picks whole groups, i.e. one
     copy of every shard, when K is a multiple of G.
     Default (the paper's weight scaling): gate, up and down of every routed expert x (E G^2 / K)^(1/3),
-    which compensates the T / (E G^2) shrinkage of the output under uniform router probabilities.
+    which compensates the K / (E G^2) shrinkage of the output under uniform router probabilities.
     `granular_exact`: routed down x G instead. With norm_topk_prob and K = cG, the K selected weights
     are p_g / (G sum_g' p_g') for c groups, so y_routed = sum_g p_g / (G sum p) x G x sum_shards = the
     routed neurons' share of FFN(x) exactly (reference.md 3.iii).

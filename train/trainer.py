@@ -319,8 +319,10 @@ class Trainer:
             for k, value in expert_load(load_LE).items():
                 metrics[f"moe/load_{k}"] = value
             frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)
+            entropy_L = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
             for layer, idx in enumerate(self.mcfg.moe_layers):
                 metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(frac_LE[layer].max() * frac_LE.shape[-1])
+                metrics[f"moe/layer{idx:02d}_entropy"] = float(entropy_L[layer])
         return metrics, load_LE
 
     def _track_nonfinite(self, nonfinite: bool) -> None:

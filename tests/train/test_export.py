@@ -58,6 +58,19 @@ def test_moe_export_loads_in_transformers_with_trained_logits(tmp_path, ep2_run)
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
+def test_moe_export_after_zero1(tmp_path):
+    from transformers import Qwen2MoeForCausalLM
+
+    run = tmp_path / "run"
+    train(run, "max_steps=3", "parallel=ep2", "deepspeed.zero_stage=1", procs=2)
+    export(run, tmp_path / "hf", dtype="float32")
+    hf = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = hf(probe_ids(hf.config.vocab_size)).logits
+    want = trained_logits(checkpoint.list_complete(run)[-1], tmp_path)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
 def test_dense_export_loads_as_qwen2(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
@@ -91,6 +104,15 @@ def test_incomplete_checkpoint_is_refused_and_nothing_written(tmp_path, ep2_run)
     shutil.copytree(ep2_run / "checkpoints", run / "checkpoints")
     shutil.rmtree(run / "checkpoints" / "step_00000003")
     ckpt = checkpoint.list_complete(run)[-1]
+    out = tmp_path / "hf"
+    # a truncated shard is named in the error, and the half-written export is removed
+    shard = next((ckpt / "ep000").glob("*.safetensors"))
+    saved = shard.read_bytes()
+    shard.write_bytes(saved[:100])
+    with pytest.raises(ValueError, match=f"{shard.name}: cannot be read as safetensors"):
+        export(ckpt, out)
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
+    shard.write_bytes(saved)
     shutil.rmtree(ckpt / "ep001")
     out = tmp_path / "hf"
     with pytest.raises(

@@ -1,4 +1,4 @@
-"""megablocks backend == torch backend == loop reference (CUDA + megablocks only)."""
+"""megablocks backend == torch backend == fp32 loop reference, RoutedExperts alone (CUDA + megablocks only)."""
 
 import pytest
 import torch
@@ -35,19 +35,20 @@ def test_megablocks_matches_torch_and_reference(tokens, experts, hidden, inter, 
     torch.nn.init.normal_(base.gate_up_proj, 0, 0.02)
     torch.nn.init.normal_(base.down_proj, 0, 0.02)
     for backend in ("torch", "megablocks", "loop"):
-        x = x0.clone().requires_grad_()
-        ex = RoutedExperts(experts, hidden, inter, "torch" if backend == "loop" else backend).to(
-            dev, torch.bfloat16
-        )
+        # the loop reference runs in fp32 on the same (bf16-representable) values
+        dtype = torch.float32 if backend == "loop" else torch.bfloat16
+        x = x0.to(dtype, copy=True).requires_grad_()
+        ex = RoutedExperts(experts, hidden, inter, "torch" if backend == "loop" else backend).to(dev, dtype)
         ex.load_state_dict(base.state_dict())
         if backend == "loop":
             y = loop_experts(x, experts_TK, weights_TK, ex.gate_up_proj, ex.down_proj)
         else:
             y = ex(x, experts_TK, weights_TK)
-        (y * gy).sum().backward()
+        y.backward(gy.to(dtype))
         outs[backend] = y
         grads[backend] = (x.grad, ex.gate_up_proj.grad, ex.down_proj.grad)
     for backend in ("torch", "megablocks"):
         assert _rel(outs[backend], outs["loop"]) <= 1e-2
         for g, ref in zip(grads[backend], grads["loop"]):
             assert _rel(g, ref) <= 1e-2
+    assert _rel(outs["megablocks"], outs["torch"]) <= 1e-2

@@ -14,6 +14,7 @@ Design choices:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +34,19 @@ MEGABLOCKS_INSTALL_HINT = (
 )
 
 
+@functools.cache
 def megablocks_available() -> bool:
-    return (
-        torch.cuda.is_available()
-        and importlib.util.find_spec("megablocks") is not None
-        and importlib.util.find_spec("grouped_gemm") is not None
-    )
+    """CUDA present and megablocks' compiled ops and grouped_gemm really import (not just installed)."""
+    if not torch.cuda.is_available():
+        return False
+    if importlib.util.find_spec("megablocks") is None or importlib.util.find_spec("grouped_gemm") is None:
+        return False
+    try:
+        import grouped_gemm.ops  # noqa: F401
+        import megablocks.ops  # noqa: F401
+    except Exception:  # built against another torch, missing megablocks_ops / stk / triton, ...
+        return False
+    return True
 
 
 def resolve_backend(backend: ExpertBackend | str) -> ExpertBackend:
@@ -107,6 +115,7 @@ class MegablocksOps:
 
     def permute(self, x_TH, experts_TK, num_experts):
         top_k = experts_TK.shape[1]
+        x_TH = x_TH.contiguous()  # the triton gather kernel addresses rows as index * num_columns
         flat_S = experts_TK.reshape(-1).int()
         bin_ids, indices = self.mb.sort(flat_S, self.end_bit)
         counts_E = self.mb.histogram(flat_S, num_experts)
@@ -122,6 +131,13 @@ class MegablocksOps:
     def grouped_swiglu(x_SH, counts_E, gate_up_EIH, down_EHI):
         from grouped_gemm.ops import gmm
 
+        if gate_up_EIH.dtype != torch.bfloat16:
+            raise ValueError(
+                f"model.expert_backend=megablocks needs bf16 weights (grouped_gemm is bf16-only), got "
+                f"{gate_up_EIH.dtype}; use expert_backend=torch for other dtypes"
+            )
+        if x_SH.shape[0] == 0:
+            return x_SH.new_zeros(0, down_EHI.shape[1]) + 0 * (gate_up_EIH.sum() + down_EHI.sum())
         batch_sizes = counts_E.cpu()  # grouped_gemm wants int64 sizes on the host
         gate_up_S2I = gmm(x_SH, gate_up_EIH, batch_sizes, trans_b=True)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)

@@ -114,13 +114,34 @@ def test_two_ranks_through_launcher_equal_one_rank_with_accumulation(tmp_path):
         assert y["train/tokens_seen"] == x["train/tokens_seen"]
 
 
-def test_config_errors_fail_before_building(tmp_path):
-    res = train(tmp_path / "bad", "max_steps=2", "parallel.ep_size=3", check=False)
-    assert res.returncode != 0 and "parallel.ep_size=3 must divide the world size 1" in res.stderr
-    res = train(tmp_path / "bad", "max_steps=2", "deepspeed.global_batch_size=7", check=False)
-    assert "deepspeed.global_batch_size=7 != micro_batch_size=2 x grad_accum=1 x world=1" in res.stderr
-    res = train(tmp_path / "bad", "max_steps=2", "optim.lrr=1", check=False)
-    assert "Key 'lrr' not in 'OptimConfig'" in res.stderr
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from train.__main__ import CONFIG_DIR
+    from train.config import TrainConfig
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.to_object(compose("train", overrides=list(overrides)))
+
+
+def test_config_errors_fail_before_building():
+    """The same checks `python -m train` runs first (Hydra composition, then TrainConfig.validate)."""
+    with pytest.raises(ValueError, match="parallel.ep_size=3 must divide the world size 1"):
+        _compose("parallel.ep_size=3").validate(world_size=1)
+    with pytest.raises(ValueError, match="parallel.ep_size=4 must divide model.num_experts=14"):
+        _compose("parallel.ep_size=4").validate(world_size=4)
+    with pytest.raises(
+        ValueError, match=r"deepspeed.global_batch_size=7 != micro_batch_size=4 x grad_accum=1 x world=2"
+    ):
+        _compose("deepspeed.global_batch_size=7").validate(world_size=2)
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        _compose("optim.lrr=1")
+    assert _compose("experiment=quickstart_moe").max_steps > 0  # every preset composes
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -144,3 +165,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, stage):
     )
     rows = metrics(run)
     assert rows[-1]["train/skipped_steps"] == 2 and len(rows) < 20  # the third skip raises before logging
+
+
+def test_trainer_validates_before_building(tmp_path):
+    res = train(tmp_path / "bad", "max_steps=2", "parallel.ep_size=3", check=False)
+    assert res.returncode != 0 and "parallel.ep_size=3 must divide the world size 1" in res.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()

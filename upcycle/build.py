@@ -4,7 +4,8 @@ Shape legend: H hidden, F dense FFN width, m expert width, N routed experts.
 
 Design choices:
 - Tensors are produced one expert at a time (a generator), so a layer's experts never sit in memory
-  together; the caller hands each to the shard writer and drops it.
+  together; the caller hands each to the shard writer and drops it. Given a thread pool, a few
+  experts are built ahead in parallel (torch ops release the GIL) and still yielded in order.
 - The dense matrices are held with the down projection transposed (`down_FH`), so that a neuron is
   one row of each matrix and an expert is three `index_select`s; in the output dtype, or in fp32 when
   the plan scales weights (one rounding, after the scale). Copied neurons are bit-exact.
@@ -16,14 +17,20 @@ Design choices:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from moe.config import ModelConfig
 from moe.hf import CheckpointReader, empty_shared_expert, expert_key
 from upcycle.strategies import LayerPlan, Scales, seeded_generator
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,14 +46,32 @@ class DenseFFN:
 
     @classmethod
     def read(
-        cls, reader: CheckpointReader, layer: int, hidden: int, width: int, dtype: torch.dtype
+        cls,
+        reader: CheckpointReader,
+        layer: int,
+        hidden: int,
+        width: int,
+        dtype: torch.dtype,
+        with_stats: bool = True,
+        pool: Executor | None = None,
     ) -> DenseFFN:
-        """The FFN of `layer` in `dtype` (the working dtype: the output's, or fp32 when scaling)."""
+        """The FFN of `layer` in `dtype` (the working dtype: the output's, or fp32 when scaling).
+
+        `with_stats=False` skips the statistics (only re-drawn and new neurons use them); `pool`
+        computes the three in parallel.
+        """
         p = f"model.layers.{layer}.mlp."
         gate = reader.get(p + "gate_proj.weight", (width, hidden))
         up = reader.get(p + "up_proj.weight", (width, hidden))
         down = reader.get(p + "down_proj.weight", (hidden, width)).T
-        stats = {"gate": _mean_std(gate), "up": _mean_std(up), "down": _mean_std(down)}
+        stats: dict[str, tuple[float, float]] = {}
+        if with_stats:
+            mats = {"gate": gate, "up": up, "down": down}
+            if pool is None:
+                stats = {k: _mean_std(w) for k, w in mats.items()}
+            else:
+                futures = {k: pool.submit(_mean_std, w) for k, w in mats.items()}
+                stats = {k: f.result() for k, f in futures.items()}
         # copies: the reader's tensors are memory-mapped, and every first touch of a page is a fault
         return cls(
             gate.to(dtype, copy=True),
@@ -125,6 +150,16 @@ def work_dtype(plan: LayerPlan, dtype: torch.dtype) -> torch.dtype:
     return dtype if plan.routed_scales == unscaled and plan.shared_scales == unscaled else torch.float32
 
 
+def needs_stats(plan: LayerPlan) -> bool:
+    """Whether any slot is re-drawn or new (and so needs the dense matrices' statistics)."""
+    return bool(
+        plan.reinit_NM.any()
+        or plan.shared_reinit_S.any()
+        or (plan.routed_NM < 0).any()
+        or (plan.shared_S < 0).any()
+    )
+
+
 def moe_layer_tensors(
     plan: LayerPlan,
     ffn: DenseFFN,
@@ -133,30 +168,50 @@ def moe_layer_tensors(
     seed: int,
     router_init_std: float,
     dtype: torch.dtype,
+    pool: Executor | None = None,
+    num_workers: int = 1,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF key, tensor) pairs of MoE layer `layer`: router, routed experts, shared expert and its gate."""
+    """(HF key, tensor) pairs of MoE layer `layer`: router, routed experts, shared expert and its gate.
+
+    With `pool` (of `num_workers` threads), experts are built in parallel a few ahead, and yielded in
+    order; each expert's values do not depend on which thread built it.
+    """
     p = f"model.layers.{layer}.mlp."
-    h, n = moe.hidden_size, moe.num_experts
-    ws = Workspace(ffn, max(moe.moe_intermediate_size, moe.shared_expert_intermediate_size))
+    h, n, s = moe.hidden_size, moe.num_experts, moe.shared_expert_intermediate_size
+    free: queue.SimpleQueue[Workspace] = queue.SimpleQueue()
+    for _ in range(num_workers if pool is not None else 1):
+        free.put(Workspace(ffn, max(moe.moe_intermediate_size, s)))
+
+    def build(idx_M, reinit_M, scales, which) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ws = free.get()
+        try:
+            g = seeded_generator(seed, layer, "neurons", which)
+            return build_neurons(ffn, ws, idx_M, reinit_M, scales, g, dtype)
+        finally:
+            free.put(ws)
+
+    jobs: list[tuple[torch.Tensor, torch.Tensor, Scales, int | str]] = [
+        (plan.routed_NM[e], plan.reinit_NM[e], plan.routed_scales, e) for e in range(n)
+    ]
+    if s:
+        jobs.append((plan.shared_S, plan.shared_reinit_S, plan.shared_scales, "shared"))
+    built = _in_order(build, jobs, pool, ahead=num_workers)
+
     groups = n // plan.router_group
     router_GH = torch.empty(groups, h).normal_(
         0.0, router_init_std, generator=seeded_generator(seed, layer, "router")
     )
     yield p + "gate.weight", router_GH.repeat_interleave(plan.router_group, dim=0).to(dtype)
     for e in range(n):
-        g = seeded_generator(seed, layer, "neurons", e)
-        gate, up, down = build_neurons(
-            ffn, ws, plan.routed_NM[e], plan.reinit_NM[e], plan.routed_scales, g, dtype
-        )
+        gate, up, down = next(built)
         yield expert_key(layer, e, "gate_proj"), gate
         yield expert_key(layer, e, "up_proj"), up
         yield expert_key(layer, e, "down_proj"), down
-    if moe.shared_expert_intermediate_size == 0:
+    if s == 0:
         for key, t in empty_shared_expert(moe, layer):
             yield key, t.to(dtype)
         return
-    g = seeded_generator(seed, layer, "neurons", "shared")
-    gate, up, down = build_neurons(ffn, ws, plan.shared_S, plan.shared_reinit_S, plan.shared_scales, g, dtype)
+    gate, up, down = next(built)
     yield p + "shared_expert.gate_proj.weight", gate
     yield p + "shared_expert.up_proj.weight", up
     yield p + "shared_expert.down_proj.weight", down
@@ -166,3 +221,22 @@ def moe_layer_tensors(
         g = seeded_generator(seed, layer, "shared_gate")
         shared_gate_1H = torch.empty(1, h).normal_(0.0, router_init_std, generator=g)
     yield p + "shared_expert_gate.weight", shared_gate_1H.to(dtype)
+
+
+def _in_order(fn: Callable[..., T], jobs: list[tuple], pool: Executor | None, ahead: int) -> Iterator[T]:
+    """fn(*job) for each job, in order; on `pool`, at most `ahead` + 1 jobs submitted at a time."""
+    if pool is None:
+        for job in jobs:
+            yield fn(*job)
+        return
+    pending: deque[Future[T]] = deque()
+    try:
+        for job in jobs:
+            pending.append(pool.submit(fn, *job))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:  # abandoned (an error downstream): do not leave work queued
+            f.cancel()

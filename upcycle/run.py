@@ -5,8 +5,9 @@ Design choices:
   the previous layer are released), its experts are built one at a time, and each tensor goes
   straight to its planned place on disk (`PlannedShardWriter`). Peak memory is one layer's dense FFN
   plus a few expert tensors, whatever the number of experts or the shard size.
-- Building (torch ops) runs in a background thread a few tensors ahead of writing (file writes):
-  both release the GIL, so compute and I/O overlap.
+- Building (torch ops) runs in background threads, a few tensors ahead of writing (file writes):
+  both release the GIL, so compute and I/O overlap, and the experts of a layer are built on a pool
+  of single-threaded workers (one per CPU, at most 4).
 - The output is written under a temporary name and renamed when complete, so an interrupted run
   never leaves a directory that looks like a checkpoint.
 - Attention, norms, embeddings, LM head and the layers that stay dense are copied unchanged (bit for
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from moe.hf import (
     expected_hf_shapes,
     hf_config_dict,
 )
-from upcycle.build import DenseFFN, moe_layer_tensors, work_dtype
+from upcycle.build import DenseFFN, moe_layer_tensors, needs_stats, work_dtype
 from upcycle.config import MoEShape, SplitMethod, Strategy, UpcycleConfig
 from upcycle.plan import UpcyclePlan, make_plan
 from upcycle.strategies import get_strategy
@@ -78,8 +81,13 @@ def _layer_copy_keys(dense: ModelConfig) -> tuple[list[str], dict[int, list[str]
     return head, per_layer, tail
 
 
-def output_tensors(plan: UpcyclePlan) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every (HF key, tensor) of the upcycled checkpoint, in order, one at a time."""
+def output_tensors(
+    plan: UpcyclePlan, pool: Executor | None = None, num_workers: int = 1
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (HF key, tensor) of the upcycled checkpoint, in order, one at a time.
+
+    With `pool` (of `num_workers` threads), each layer's experts are built in parallel.
+    """
     dense, moe, cfg, dtype = plan.dense, plan.moe, plan.cfg, plan.dtype
     strategy = get_strategy(cfg.strategy)
     head, per_layer, tail = _layer_copy_keys(dense)
@@ -103,9 +111,17 @@ def output_tensors(plan: UpcyclePlan) -> Iterator[tuple[str, torch.Tensor]]:
             up_FH = reader.get(f"model.layers.{i}.mlp.up_proj.weight")
         layer_plan = strategy.plan_layer(i, moe, dense, cfg, up_FH=up_FH)
         ffn = DenseFFN.read(
-            reader, i, dense.hidden_size, dense.intermediate_size, work_dtype(layer_plan, dtype)
+            reader,
+            i,
+            dense.hidden_size,
+            dense.intermediate_size,
+            work_dtype(layer_plan, dtype),
+            with_stats=needs_stats(layer_plan),
+            pool=pool,
         )
-        yield from moe_layer_tensors(layer_plan, ffn, moe, i, cfg.seed, cfg.router_init_std, dtype)
+        yield from moe_layer_tensors(
+            layer_plan, ffn, moe, i, cfg.seed, cfg.router_init_std, dtype, pool, num_workers
+        )
         del ffn
     reader = CheckpointReader(plan.source)
     for key in tail:
@@ -195,20 +211,24 @@ def upcycle(
         print(plan.format(), flush=True)
     if plan.cfg.dry_run:
         return report
-    report["source_fingerprint"] = source_fingerprint(plan.source)
-    # The work is memory-bound copies and one sequential RNG stream per expert: a second intra-op
-    # thread gains little and spins against the writer thread and the kernel's writeback (measured:
-    # 85 s -> 68 s for the A2.7B benchmark on 2 cores).
-    num_threads = torch.get_num_threads()
+    # The work is memory-bound copies and sequential RNG streams (one per expert): experts are built
+    # on a pool of single-threaded workers instead of with intra-op threads, which would only spin
+    # against the writer thread and the kernel's writeback.
+    num_threads, num_workers = torch.get_num_threads(), build_workers()
     torch.set_num_threads(1)
     try:
-        with PlannedShardWriter(
-            plan.output, plan.shapes, plan.dtype, plan.cfg.max_shard_bytes, overwrite=plan.cfg.overwrite
-        ) as writer:
-            for key, tensor in prefetched(output_tensors(plan), PREFETCH_TENSORS):
+        with (
+            ThreadPoolExecutor(num_workers, thread_name_prefix="upcycle-build") as pool,
+            PlannedShardWriter(
+                plan.output, plan.shapes, plan.dtype, plan.cfg.max_shard_bytes, overwrite=plan.cfg.overwrite
+            ) as writer,
+        ):
+            fingerprint = pool.submit(source_fingerprint, plan.source)
+            for key, tensor in prefetched(output_tensors(plan, pool, num_workers), PREFETCH_TENSORS):
                 writer.add(key, tensor)
                 del tensor
             _write_metadata(writer, plan)
+            report["source_fingerprint"] = fingerprint.result()
             report["bytes_written"] = writer.total_bytes
             report["time_s"] = round(time.perf_counter() - start, 3)
             report["versions"] = _versions()
@@ -220,6 +240,13 @@ def upcycle(
             f"wrote {plan.output} ({writer.total_bytes / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s"
         )
     return report
+
+
+def build_workers() -> int:
+    """Threads building experts: the CPUs this process may use, at most 4."""
+    return max(
+        1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
 
 
 def _write_metadata(writer: PlannedShardWriter, plan: UpcyclePlan) -> None:

@@ -316,6 +316,17 @@ def from_pretrained(
 # ---- writing -------------------------------------------------------------------------------------
 
 
+def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
+    """Give a completed temporary directory its final name (replacing an existing one, if any)."""
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp_dir, out_dir)
+
+
 class ShardedWriter:
     """Writes `model-0000i-of-0000n.safetensors` shards and the index into a temporary directory.
 
@@ -400,13 +411,7 @@ class ShardedWriter:
         self.write_json(
             SAFE_INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         )
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
+        publish_dir(self.tmp_dir, self.out_dir)
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:

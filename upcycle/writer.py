@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from moe.hf import SAFE_INDEX_NAME
+from moe.hf import SAFE_INDEX_NAME, publish_dir
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
@@ -156,10 +156,4 @@ class PlannedShardWriter:
         self.write_json(
             SAFE_INDEX_NAME, {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         )
-        if self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            os.replace(self.out_dir, old)
-            os.replace(self.tmp_dir, self.out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(self.tmp_dir, self.out_dir)
+        publish_dir(self.tmp_dir, self.out_dir)

@@ -400,7 +400,14 @@ def main() -> None:
         "--dense", default=None, help="a dense Hugging Face Qwen2 directory to reuse (skips stage 1)"
     )
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=sorted(VARIANTS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seed of upcycling and training")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="seeds of the upcycling draws and the scratch init (train `seed`); the data order and eval "
+        "batches stay fixed (data.seed), so runs with different seeds are compared on the same tokens",
+    )
     p.add_argument("--jobs", type=int, default=2, help="variants trained at once")
     p.add_argument("--cpu", action="store_true", help="force CPU (DS_ACCELERATOR=cpu)")
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])

@@ -187,23 +187,6 @@ SIZES = {
     "gpu": Size(dense_preset="upcycle_ablation_gpu_dense", moe_preset="upcycle_ablation_gpu_moe"),
 }
 
-# ModelConfig fields that a from-scratch MoE copies from the dense config.json
-_ARCH_FIELDS = [
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "max_position_embeddings",
-    "rope_theta",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "initializer_range",
-    "bos_token_id",
-    "eos_token_id",
-]
-
 
 def moe_shape(variant: Variant, dense_ffn: int) -> dict[str, Any]:
     if dense_ffn % 4:
@@ -259,6 +242,7 @@ def train_variant(
     extra: list[str],
     env: dict[str, str],
 ) -> RunResult:
+    from moe.config import ARCH_FIELDS
     from moe.hf import read_config
 
     name = f"{variant.name}-s{seed}"
@@ -311,7 +295,8 @@ def train_variant(
         model_cfg = dense_cfg
         cmd.append(f"init_from={dense_hf}")
     else:
-        fields = {f: getattr(dense_cfg, f) for f in _ARCH_FIELDS}
+        # a from-scratch MoE copies the dense architecture (and special tokens) from its config.json
+        fields = {f: getattr(dense_cfg, f) for f in (*ARCH_FIELDS, "bos_token_id", "eos_token_id")}
         fields |= moe_shape(variant, dense_cfg.intermediate_size)
         fields |= {"decoder_sparse_step": 1, "mlp_only_layers": []}
         model_cfg = dataclasses.replace(dense_cfg, **fields)

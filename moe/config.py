@@ -222,10 +222,10 @@ class ModelConfig:
             "dtype": torch_dtype,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
         }
-        for f in _HF_FIELDS:
+        for f in ARCH_FIELDS:
             d[f] = getattr(self, f)
         if self.is_moe:
-            for f in _HF_MOE_FIELDS:
+            for f in MOE_FIELDS:
                 d[f] = getattr(self, f)
             d["mlp_only_layers"] = list(self.mlp_only_layers)
             d["output_router_logits"] = False
@@ -251,7 +251,7 @@ class ModelConfig:
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
         kwargs: dict[str, Any] = {}
-        for f in _HF_FIELDS:
+        for f in ARCH_FIELDS:
             if f in d and d[f] is not None:
                 kwargs[f] = d[f]
             elif f in _HF_REQUIRED:
@@ -264,7 +264,7 @@ class ModelConfig:
         if "rope_theta" not in d and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         if model_type == "qwen2_moe":
-            for f in _HF_MOE_FIELDS:
+            for f in MOE_FIELDS:
                 if f in d and d[f] is not None:
                     kwargs[f] = d[f]
             kwargs["mlp_only_layers"] = list(d.get("mlp_only_layers") or [])
@@ -285,7 +285,7 @@ class ModelConfig:
 
 
 _HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-_HF_FIELDS = (
+ARCH_FIELDS = (  # the dense architecture, shared by Qwen2 and Qwen2-MoE
     "vocab_size",
     "hidden_size",
     "intermediate_size",
@@ -298,12 +298,13 @@ _HF_FIELDS = (
     "tie_word_embeddings",
     "initializer_range",
 )
-_HF_MOE_FIELDS = (
+MOE_FIELDS = (  # the MoE shape on top of it (Qwen2-MoE config.json keys)
     "num_experts",
     "num_experts_per_tok",
     "moe_intermediate_size",
     "shared_expert_intermediate_size",
     "norm_topk_prob",
     "decoder_sparse_step",
+    "mlp_only_layers",
     "router_aux_loss_coef",
 )

@@ -16,6 +16,7 @@ deleted only after that, so a crash during a save leaves the previous checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -61,13 +62,49 @@ def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
     path = Path(resume)
     if (path / META).is_file():
         return path
-    if list_complete(path):  # a run directory
-        return list_complete(path)[-1]
+    done = list_complete(path)
+    if done:  # a run directory
+        return done[-1]
     if (path / "checkpoints").is_dir():
         raise ValueError(f"run directory {path} holds no complete checkpoint")
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is incomplete: {META} is missing (the save did not finish)")
     raise ValueError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
+
+
+def state_key(name: str, kind: str, expert: int | None = None) -> str:
+    """`<param>::<kind>`, or `<param>.<global expert id>::<kind>` for one routed expert's slice."""
+    return f"{name}::{kind}" if expert is None else f"{name}.{expert}::{kind}"
+
+
+class StateReader:
+    """The tensors stored in a checkpoint's `ep*/` directories, looked up by parameter and state kind."""
+
+    def __init__(self, ckpt: Path):
+        self.ckpt = ckpt
+        self.num_dirs = 0
+        self._where: dict[str, CheckpointReader] = {}
+        for d in sorted(ckpt.glob("ep*")):
+            if d.is_dir():
+                reader = CheckpointReader(d)
+                self._where |= dict.fromkeys(reader, reader)
+                self.num_dirs += 1
+
+    def missing(self, name: str, kind: str, experts: range | None = None) -> list[str]:
+        """Keys of (`name`, `kind`) that are not stored; `experts` are global expert ids."""
+        keys = [state_key(name, kind)] if experts is None else [state_key(name, kind, e) for e in experts]
+        return [k for k in keys if k not in self._where]
+
+    def read(self, name: str, kind: str, experts: range | None = None) -> torch.Tensor:
+        """One parameter's state; for routed experts the given global experts stacked along dim 0."""
+        if experts is None:
+            return self._get(state_key(name, kind))
+        return torch.stack([self._get(state_key(name, kind, e)) for e in experts])
+
+    def _get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise ValueError(f"checkpoint {self.ckpt}: tensor {key!r} is missing")
+        return self._where[key].get(key)
 
 
 def _expert_offset(module: RoutedExperts) -> int:
@@ -106,10 +143,8 @@ def save(
     writes = edp_rank == 0
     owners = _owners(model)
     ds.link_optimizer_state(engine)
-    writer = ShardedWriter(tmp / f"ep{ep_rank:03d}", max_shard_bytes=SHARD_BYTES) if writes else None
-    if writer is not None:
-        writer.__enter__()
-    try:
+    writing = ShardedWriter(tmp / f"ep{ep_rank:03d}", max_shard_bytes=SHARD_BYTES) if writes else None
+    with writing or contextlib.nullcontext() as writer:
         for name, param in model.named_parameters():
             state = ds.full_state(engine, param)  # collective over the parameter's (E)DP group
             if writer is None:
@@ -118,16 +153,10 @@ def save(
                 offset = _expert_offset(owners[name])
                 for k, v in state.items():
                     for i in range(v.shape[0]):
-                        writer.add(f"{name}.{offset + i}::{k}", v[i])
+                        writer.add(state_key(name, k, offset + i), v[i])
             elif ep_rank == 0:
                 for k, v in state.items():
-                    writer.add(f"{name}::{k}", v)
-    except BaseException:
-        if writer is not None:
-            writer.__exit__(RuntimeError, None, None)
-        raise
-    if writer is not None:
-        writer.__exit__(None, None, None)
+                    writer.add(state_key(name, k), v)
 
     if os.environ.get("FINEMOE_FAULT_IN_SAVE") == str(step):  # crash tests: die with the save half done
         os._exit(17)
@@ -156,37 +185,24 @@ def save(
 def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
     """Collective: restore weights, optimizer moments and step, buffers and RNG; returns meta.json."""
     meta = json.loads((ckpt / META).read_text())
-    readers = [CheckpointReader(d) for d in sorted(ckpt.glob("ep*")) if d.is_dir()]
-    if not readers:
+    reader = StateReader(ckpt)
+    if not reader.num_dirs:
         raise ValueError(f"checkpoint {ckpt} holds no ep*/ weight directories")
-    key_reader = {k: r for r in readers for k in r}
-
-    def get(key: str) -> torch.Tensor:
-        if key not in key_reader:
-            raise ValueError(f"checkpoint {ckpt}: tensor {key!r} is missing")
-        return key_reader[key].get(key)
-
     owners = _owners(model)
     ds.prepare_optimizer_state(engine, int(meta.get("adam_step", 0)))
     for name, param in model.named_parameters():
-        kinds = [
-            k
-            for k in ("fp32", *ds.ADAM_STATES)
-            if f"{name}::{k}" in key_reader
-            or f"{name}.{_expert_offset(owners[name]) if name in owners else 0}::{k}" in key_reader
-        ]
-        if "fp32" not in kinds:
+        off = _expert_offset(owners[name]) if name in owners else 0
+        experts = range(off, off + param.shape[0]) if name in owners else None
+        if reader.missing(name, "fp32", experts):
             raise ValueError(f"checkpoint {ckpt}: parameter {name!r} is missing")
         state = {}
-        for k in kinds:
-            if name in owners:
-                off = _expert_offset(owners[name])
-                state[k] = torch.stack([get(f"{name}.{off + i}::{k}") for i in range(param.shape[0])])
-            else:
-                state[k] = get(f"{name}::{k}")
+        for k in ("fp32", *ds.ADAM_STATES):
+            if k != "fp32" and reader.missing(name, k, experts):
+                continue  # no moments stored (e.g. saved before the first step)
+            state[k] = reader.read(name, k, experts)
             if tuple(state[k].shape) != tuple(param.shape):
                 raise ValueError(
-                    f"checkpoint {ckpt}: {name}::{k} has shape {list(state[k].shape)}, "
+                    f"checkpoint {ckpt}: {state_key(name, k)} has shape {list(state[k].shape)}, "
                     f"model expects {list(param.shape)}"
                 )
         ds.set_full_state(engine, param, state)

@@ -18,7 +18,6 @@ import torch
 
 from moe.config import ModelConfig
 from moe.hf import (
-    CheckpointReader,
     ShardedWriter,
     empty_shared_expert,
     parse_dtype,
@@ -75,14 +74,12 @@ def export(
     meta = json.loads((ckpt / ckpt_lib.META).read_text())
     cfg = _model_config(meta, ckpt)
     dt = parse_dtype(dtype)
-    readers = [CheckpointReader(d) for d in sorted(ckpt.glob("ep*")) if d.is_dir()]
-    key_reader = {k: r for r in readers for k in r}
+    reader = ckpt_lib.StateReader(ckpt)
     with torch.device("meta"):
         skeleton = Qwen2MoEForCausalLM(cfg)
     # check completeness before writing anything
     for name, p in skeleton.named_parameters():
-        keys = [f"{name}.{e}::fp32" for e in range(p.shape[0])] if _is_expert(name) else [f"{name}::fp32"]
-        missing = [k for k in keys if k not in key_reader]
+        missing = reader.missing(name, "fp32", _experts(name, p))
         if missing:
             raise ValueError(
                 f"checkpoint {ckpt} is incomplete: {missing[0]!r} is missing"
@@ -98,12 +95,7 @@ def export(
     with ShardedWriter(output, max_shard_bytes, overwrite=overwrite, dtype=dt) as w:
         write_metadata(w, cfg, dt, tokenizer_dir if tokenizer_dir and tokenizer_dir.is_dir() else None)
         for name, p in skeleton.named_parameters():
-            if _is_expert(name):
-                value = torch.stack(
-                    [key_reader[f"{name}.{e}::fp32"].get(f"{name}.{e}::fp32") for e in range(p.shape[0])]
-                )
-            else:
-                value = key_reader[f"{name}::fp32"].get(f"{name}::fp32")
+            value = reader.read(name, "fp32", _experts(name, p))
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(
                     f"{ckpt}: {name} has shape {list(value.shape)}, config implies {list(p.shape)}"
@@ -137,8 +129,9 @@ def export(
     return report
 
 
-def _is_expert(name: str) -> bool:
-    return name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+def _experts(name: str, p: torch.nn.Parameter) -> range | None:
+    """All global expert ids of a routed-expert parameter; None for any other parameter."""
+    return range(p.shape[0]) if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")) else None
 
 
 def _selection_biases(ckpt: Path) -> dict[str, torch.Tensor]:

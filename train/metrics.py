@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moe.config import ModelConfig
@@ -33,14 +35,24 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
+def load_fractions(counts_LE: torch.Tensor) -> torch.Tensor:
+    """Fraction of each MoE layer's assignments that went to each expert [L, E]."""
+    return counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
+
+
+def layer_load(counts_LE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per MoE layer: the busiest expert's load over the mean load, and the load entropy (nats)."""
+    frac_LE = load_fractions(counts_LE)
+    max_over_mean_L = frac_LE.max(-1).values * counts_LE.shape[-1]
+    entropy_L = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
+    return max_over_mean_L, entropy_L
+
+
 def expert_load(counts_LE: torch.Tensor) -> dict[str, float]:
     """Summary of per-layer expert assignment counts [L, E]: worst max/mean ratio and mean entropy."""
-    frac_LE = counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
-    mean = counts_LE.mean(-1).clamp(min=1e-9)
-    max_over_mean = (counts_LE.max(-1).values / mean).max().item()
-    entropy = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
+    max_over_mean_L, entropy_L = layer_load(counts_LE)
     return {
-        "max_over_mean": max_over_mean,
-        "entropy": entropy.mean().item(),
-        "entropy_max": float(torch.log(torch.tensor(float(counts_LE.shape[-1])))),
+        "max_over_mean": max_over_mean_L.max().item(),
+        "entropy": entropy_L.mean().item(),
+        "entropy_max": math.log(counts_LE.shape[-1]),
     }

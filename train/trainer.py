@@ -8,6 +8,7 @@ needs (weights, Adam moments, LR position, data position, routers' biases, RNG) 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from dataclasses import asdict
@@ -31,7 +32,7 @@ from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
 from train.callbacks.jsonl import JsonlMetrics
 from train.config import TrainConfig, WandbMode
-from train.metrics import expert_load, flops_per_token, peak_tflops
+from train.metrics import expert_load, flops_per_token, layer_load, load_fractions, peak_tflops
 from train.objective import Objective, update_selection_bias
 from train.schedule import lr_lambda
 
@@ -74,7 +75,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         self.rank, self.world = ds.init_distributed(self.device)
         if self.device.type == "cuda":
-            torch.cuda.set_device(int(__import__("os").environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.cfg = cfg.validate(self.world)
         self.run_dir = Path(cfg.run_dir)
@@ -318,10 +319,9 @@ class Trainer:
             metrics["train/aux_loss"], metrics["train/z_loss"] = aux, z
             for k, value in expert_load(load_LE).items():
                 metrics[f"moe/load_{k}"] = value
-            frac_LE = load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)
-            entropy_L = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
+            max_over_mean_L, entropy_L = layer_load(load_LE)
             for layer, idx in enumerate(self.mcfg.moe_layers):
-                metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(frac_LE[layer].max() * frac_LE.shape[-1])
+                metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(max_over_mean_L[layer])
                 metrics[f"moe/layer{idx:02d}_entropy"] = float(entropy_L[layer])
         return metrics, load_LE
 
@@ -344,7 +344,7 @@ class Trainer:
     def _heatmap(self, load_LE: torch.Tensor) -> None:
         if self.rank != 0:
             return
-        frac = (load_LE / load_LE.sum(-1, keepdim=True).clamp(min=1)).cpu()
+        frac = load_fractions(load_LE).cpu()
         png = write_heatmap(
             frac, self.run_dir / "expert_load" / f"step_{self.step:08d}.png", f"expert load, step {self.step}"
         )

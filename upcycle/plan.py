@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from moe.config import ModelConfig
+from moe.config import MOE_FIELDS, ModelConfig
 from moe.hf import (
     CheckpointReader,
     dtype_name,
@@ -40,16 +40,6 @@ _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
 }
 _IGNORED_SOURCE_KEYS = ("rotary_emb.inv_freq",)  # buffers some older exports include
-_SHAPE_FIELDS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-    "shared_expert_intermediate_size",
-    "norm_topk_prob",
-    "decoder_sparse_step",
-    "mlp_only_layers",
-    "router_aux_loss_coef",
-)
 
 
 def plan_config(
@@ -69,7 +59,7 @@ def plan_config(
     forced_values = strategy.forced_fields(dense, shape)
     forced = {k: [getattr(shape, k), v] for k, v in forced_values.items() if getattr(shape, k) != v}
     shape = shape.replace(**forced_values)
-    moe = dense.replace(**{f: getattr(shape, f) for f in _SHAPE_FIELDS})
+    moe = dense.replace(**{f: getattr(shape, f) for f in MOE_FIELDS})
     moe = moe.replace(mlp_only_layers=list(shape.mlp_only_layers))
     for i in moe.mlp_only_layers:
         if not 0 <= i < dense.num_hidden_layers:

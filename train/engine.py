@@ -58,7 +58,25 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         deepspeed.init_distributed(
             dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
         )
+        if device.type == "cpu" and dist.get_world_size() > 1:
+            _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_shm_workspace() -> None:
+    """Free DeepSpeed's CPU shared-memory all-reduce workspace name once every rank has mapped it.
+
+    On the CPU accelerator, DeepSpeed creates a 66 MB `/dev/shm` segment per rank (for its inference
+    all-reduce, unused in training) and never unlinks it: every run leaks RAM until reboot. Each rank
+    maps all peers' segments before `init_distributed` returns, so after a barrier the names can go;
+    the mappings stay valid until the processes exit.
+    """
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank()
+    )
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def _free_port() -> int:

@@ -7,7 +7,6 @@ layouts optimise the same objective; losses, DeepSpeed's gradient norms and ever
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +15,17 @@ import pytest
 import torch
 
 from tests.train.ep_worker import SKEW_STEP
+from tests.train.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(tmp: Path, name: str, procs: int, ep: int, zero: int, ga: int, mb: int, scope: str) -> dict:
     out = tmp / f"{name}.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     args = ["-m", "tests.train.ep_worker", str(out), str(ep), str(zero), str(ga), str(mb), scope]
+    port = free_port()
     if procs == 1:
         cmd = [sys.executable, *args]
     else:
@@ -41,13 +36,15 @@ def run_worker(tmp: Path, name: str, procs: int, ep: int, zero: int, ga: int, mb
             "--num_gpus",
             str(procs),
             "--master_port",
-            str(_port()),
+            str(port),
             "--no_local_rank",
             "--module",
             *args[1:],
         ]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    # DeepSpeed's CPU shared-memory workspace must not outlive the run (train.engine unlinks it)
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return torch.load(out, weights_only=True)
 
 

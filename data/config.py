@@ -73,7 +73,8 @@ class DataConfig:
     seq_len: int = 256
     """Tokens per training sample; packed blocks hold `seq_len + 1` tokens (inputs and shifted targets)."""
     seed: int = 0
-    """Seeds the per-epoch block order and the mixture interleaving."""
+    """Seeds the training split's per-epoch block order and mixture interleaving (the eval split's
+    order is fixed, so runs that differ only in seed are evaluated on the same batches)."""
     eval_fraction: float = 0.05
     """Fraction of each source's documents (the last ones) held out as the eval split; 0 disables it."""
     reset_attention_at_doc_boundary: bool = False

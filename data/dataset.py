@@ -73,6 +73,8 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Sp
     cfg.validate()
     split = Split(split)
     stores = _prepared_stores(cfg, tokenizer) if cfg.prepared_dir else _tokenised_stores(cfg, tokenizer)
+    # the eval order ignores data.seed: runs that differ only in seed are scored on the same batches
+    seed = cfg.seed if split is Split.train else 0
     streams = []
     for i, store in enumerate(stores):
         start, stop = split_range(store.doc_offsets, cfg.eval_fraction, split.value)
@@ -85,15 +87,15 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Sp
             raise ValueError(
                 f"data.sources[{i}] (path={cfg.sources[i].path!r}) has an empty {split.value} split: {why}"
             )
-        key = (cfg.seed, i, _SPLIT_KEY[split])
+        key = (seed, i, _SPLIT_KEY[split])
         streams.append(PackedStream(store, start, stop, cfg.block_len, key))
     mixture = Mixture(
-        [s.weight for s in cfg.sources], cfg.mixture_window, (cfg.seed, _SPLIT_KEY[split], _MIXTURE_KEY)
+        [s.weight for s in cfg.sources], cfg.mixture_window, (seed, _SPLIT_KEY[split], _MIXTURE_KEY)
     )
     identity = {
         "split": split.value,
         "seq_len": cfg.seq_len,
-        "seed": cfg.seed,
+        "seed": seed,
         "tokenizer": fingerprint(tokenizer),
         "sources": [s.identity() for s in cfg.sources],
         "source_tokens": [s.num_tokens for s in streams],

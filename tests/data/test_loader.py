@@ -149,6 +149,18 @@ def test_eval_split_holds_the_last_documents(tmp_path, tokenizer, cache_dir) -> 
         assert np.array_equal(stream.store.read(stream.start, stream.start + stream.num_tokens), ref)
 
 
+def test_data_seed_reorders_training_but_not_evaluation(tmp_path, tokenizer, cache_dir) -> None:
+    path = write_jsonl(tmp_path / "c.jsonl", make_docs(200))
+    first = {}
+    for seed in (0, 1):
+        cfg = data_config(cache_dir, [path], eval_fraction=0.2, seed=seed)
+        first[seed] = {
+            split: blocks_of(next(build_loader(cfg, tokenizer, split=split))) for split in ("train", "eval")
+        }
+    assert not np.array_equal(first[0]["train"], first[1]["train"])
+    assert np.array_equal(first[0]["eval"], first[1]["eval"])
+
+
 def test_mixture_serves_each_source_its_share_of_its_own_blocks(tmp_path, tokenizer, cache_dir) -> None:
     small = write_jsonl(tmp_path / "small.jsonl", make_docs(10, seed=1))
     large = write_jsonl(tmp_path / "large.jsonl", make_docs(60, seed=2))

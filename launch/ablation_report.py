@@ -45,7 +45,8 @@ class RunResult:
 
 
 def train_ce_tail(records: list[dict[str, float]]) -> float:
-    tail = records[-max(1, len(records) // 10) :]
+    steps = [r for r in records if "train/ce_loss" in r]  # not the step-0 evaluation
+    tail = steps[-max(1, len(steps) // 10) :]
     return sum(float(r["train/ce_loss"]) for r in tail) / len(tail)
 
 

@@ -154,6 +154,9 @@ class TrainConfig:
     """Optimizer steps between held-out evaluations; 0 disables."""
     eval_batches: int = 8
     """Micro-batches per evaluation."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step of a fresh run (logged at step 0, 0 tokens): the starting
+    loss of an upcycled model, i.e. its head start. Needs `eval_every` > 0."""
     max_nonfinite_in_a_row: int = 5
     """Steps with a non-finite loss or gradient are skipped; this many in a row stops the run."""
     device: str = "auto"
@@ -189,6 +192,8 @@ class TrainConfig:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.moe.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.moe.bias_update_rate}")
+        if self.eval_at_start and self.eval_every <= 0:
+            raise ValueError("eval_at_start=true needs eval_every > 0 (it names the eval batches to score)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         return self

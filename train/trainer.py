@@ -208,6 +208,11 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self.run_dir, resolved, self.step)  # type: ignore[arg-type]
         history: list[dict[str, float]] = []
+        if cfg.eval_every and cfg.eval_at_start and self.step == 0:
+            metrics = {"train/tokens_seen": 0.0, **self.evaluate()}
+            history.append(metrics)
+            for cb in self.callbacks:
+                cb.on_metrics(0, metrics)
         data_iter = iter(self.loader)
         progress = self._progress()
         while self.step < cfg.max_steps:
@@ -354,23 +359,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean cross-entropy and perplexity on the held-out split (same batches every time)."""
-        loader = build_loader(
-            self.cfg.data,
-            self.tokenizer,
-            split=Split.eval,
-            dp_rank=self.rank,
-            dp_world=self.world,
-            micro_batch_size=self.cfg.deepspeed.micro_batch_size,
-        )
+        assert self.eval_loader is not None, "evaluate() needs eval_every > 0"
+        self.eval_loader.load_state_dict(self._eval_start)
         self.engine.eval()
         total = torch.zeros(2)
-        it = iter(loader)
         for _ in range(self.cfg.eval_batches):
-            batch = self._batch(it)
+            batch = self._batch(self.eval_loader)
             out = self.engine(**batch)
             total += torch.tensor(
                 [float(out.ce_loss) * batch["input_ids"].numel(), batch["input_ids"].numel()]
             )
+        self.eval_loader.close()  # no prefetch thread idles until the next evaluation
         dist.all_reduce(total)
         self.engine.train()
         loss = (total[0] / total[1]).item()

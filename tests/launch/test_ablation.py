@@ -108,7 +108,8 @@ def test_tiny_ablation_end_to_end(tmp_path):
     runs = {r["variant"]: r for r in results["runs"]}
     assert list(runs) == list(DEFAULT_VARIANTS)
     # same data, tokens and evaluation points for every variant: 4 steps of 2 x 32 tokens
-    assert {tuple(r["tokens"]) for r in runs.values()} == {(64, 128, 192, 256)}
+    # (and before the first step: eval_at_start)
+    assert {tuple(r["tokens"]) for r in runs.values()} == {(0, 64, 128, 192, 256)}
     assert all(all(0 < x < 10 for x in r["eval_loss"]) for r in runs.values())
     assert results["budgets_tokens"] == [64, 128, 256]
     assert results["dense_pretraining"]["tokens"] == [192, 384]  # 6 steps of 2 x 32, evaluated every 3
@@ -118,5 +119,10 @@ def test_tiny_ablation_end_to_end(tmp_path):
     # scratch is the finegrained architecture, randomly initialised
     assert runs["scratch"]["params_total"] == runs["finegrained_r50"]["params_total"]
     assert runs["copy"]["upcycle_report"]["strategy_plan"]["exact_at_init"] is True
+    # ... and it is: the copy-upcycled model starts at the dense model's final eval loss (same batches)
+    assert runs["copy"]["eval_loss"][0] == pytest.approx(
+        results["dense_pretraining"]["eval_loss"][-1], abs=1e-4
+    )
+    assert runs["scratch"]["eval_loss"][0] > runs["copy"]["eval_loss"][0]
     up = json.loads((tmp_path / "upcycled" / "copy-s0" / "config.json").read_text())
     assert (up["num_experts"], up["num_experts_per_tok"], up["norm_topk_prob"]) == (4, 1, True)

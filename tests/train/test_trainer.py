@@ -101,6 +101,19 @@ def test_wandb_offline_logs_keys_and_heatmap(tmp_path):
     assert json.loads(rows[-1]["train/loss"]) == pytest.approx(metrics(run)[-1]["train/loss"])
 
 
+def test_eval_at_start_scores_the_initial_model_on_the_same_batches(tmp_path):
+    """With a negligible learning rate every evaluation, the one before step 1 included, sees the
+    same weights: equal losses prove each evaluation rewinds to the same held-out batches."""
+    run = tmp_path / "run"
+    train(run, "max_steps=3", "eval_every=1", "eval_batches=2", "eval_at_start=true", "optim.lr=1e-12")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["train/tokens_seen"] == 0 and "train/loss" not in rows[0]
+    evals = [r["eval/loss"] for r in rows]
+    assert evals == pytest.approx([evals[0]] * 4, rel=1e-6, abs=0)
+    assert abs(evals[0] - rows[1]["train/ce_loss"]) > 1e-4  # held-out batches, not the training batch
+
+
 def test_two_ranks_through_launcher_equal_one_rank_with_accumulation(tmp_path):
     """deepspeed launcher, 2 ranks, ep_size=2 == 1 rank with grad_accum=2 (CE + z-loss: grouping-free)."""
     common = ["max_steps=4", "model.router_aux_loss_coef=0.0", "schedule=constant"]
@@ -137,6 +150,8 @@ def test_config_errors_fail_before_building():
         ValueError, match=r"deepspeed.global_batch_size=7 != micro_batch_size=4 x grad_accum=1 x world=2"
     ):
         _compose("deepspeed.global_batch_size=7").validate(world_size=2)
+    with pytest.raises(ValueError, match="eval_at_start=true needs eval_every > 0"):
+        _compose("eval_at_start=true", "eval_every=0").validate(world_size=1)
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="optim.lrr"):

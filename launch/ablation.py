@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
@@ -368,12 +367,6 @@ def build_env(jobs: int, cpu: bool) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-    # torch's extension cache is shared by every virtualenv on the machine; two environments with
-    # different include paths rebuild DeepSpeed's CPU comm op (~40 s) at each other's every start
-    tag = hashlib.sha1(sys.prefix.encode()).hexdigest()[:8]
-    env.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / f"finemoe-{tag}")
-    )
     return env
 
 

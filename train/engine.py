@@ -32,6 +32,7 @@ from typing import Any
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import (
@@ -55,28 +56,25 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if "RANK" not in os.environ:  # single process without a launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if device.type == "cpu":
+            _skip_shm_all_reduce_op()
         deepspeed.init_distributed(
             dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
         )
-        if device.type == "cpu" and dist.get_world_size() > 1:
-            _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
 
 
-def _unlink_shm_workspace() -> None:
-    """Free DeepSpeed's CPU shared-memory all-reduce workspace name once every rank has mapped it.
+def _skip_shm_all_reduce_op() -> None:
+    """Keep DeepSpeed from building and starting its CPU shared-memory all-reduce.
 
-    On the CPU accelerator, DeepSpeed creates a 66 MB `/dev/shm` segment per rank (for its inference
-    all-reduce, unused in training) and never unlinks it: every run leaks RAM until reboot. Each rank
-    maps all peers' segments before `init_distributed` returns, so after a barrier the names can go;
-    the mappings stay valid until the processes exit.
+    It serves `deepspeed.comm.inference_all_reduce` only (training collectives go through gloo), yet
+    on the CPU accelerator DeepSpeed compiles it at the first start on every machine (~40 s of g++)
+    and creates a 66 MB `/dev/shm` segment per rank that it never unlinks: RAM leaked until reboot,
+    run after run. DeepSpeed skips the ops it marks incompatible, so mark this one.
     """
-    dist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank()
-    )
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def _free_port() -> int:

@@ -97,15 +97,9 @@ def bench(name: str, fields: dict, args, device: torch.device) -> dict:
         ep_size=1,
         num_experts=cfg.num_experts,
         lr=1e-4,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-        weight_decay=0.1,
-        lr_lambda=lambda s: 1.0,
         zero_stage=1,
         bf16=bf16,
         micro_batch_size=args.micro_batch,
-        grad_accum=1,
-        grad_clip=1.0,
     )
     times = []
     for step in range(args.warmup + args.steps):

@@ -161,23 +161,24 @@ def build_engine(
     ep_size: int,
     num_experts: int,
     lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    lr_lambda: Any,
     zero_stage: int,
-    bf16: bool,
     micro_batch_size: int,
-    grad_accum: int,
-    grad_clip: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    weight_decay: float = 0.1,
+    lr_lambda: Any = None,
+    bf16: bool = False,
+    grad_accum: int = 1,
+    grad_clip: float = 1.0,
 ) -> Any:
-    """deepspeed.initialize with our AdamW, LR schedule and MoE groups. Returns the engine."""
+    """deepspeed.initialize with our AdamW, LR schedule (`lr_lambda`: step -> LR factor; None:
+    constant) and MoE groups. The defaults are `OptimConfig`'s. Returns the engine."""
     marker = _MoEGroupsMarker(num_experts, ep_size) if ep_group_name is not None else None
     module = EngineModule(model, marker)
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda or (lambda step: 1.0))
     if zero_stage == 0 and bf16:
         raise ValueError("deepspeed.zero_stage=0 with bf16 is not supported for MoE; use zero_stage=1 or 2")
     ds_config: dict[str, Any] = {

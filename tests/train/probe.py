@@ -35,15 +35,9 @@ def main() -> None:
         ep_size=1,
         num_experts=cfg.num_experts,
         lr=1e-3,
-        betas=(0.9, 0.95),
-        eps=1e-8,
         weight_decay=0.0,
-        lr_lambda=lambda s: 1.0,
         zero_stage=1,
-        bf16=False,
         micro_batch_size=1,
-        grad_accum=1,
-        grad_clip=1.0,
     )
     checkpoint.load(eng, model, ckpt)
     model.eval()

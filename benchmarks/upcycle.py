@@ -34,24 +34,10 @@ sys.path.insert(0, str(REPO))
 
 from moe.config import ModelConfig  # noqa: E402
 from moe.hf import ShardedWriter, expected_hf_shapes, write_metadata  # noqa: E402
+from moe.params import load_preset  # noqa: E402
 from upcycle import MoEShape, UpcycleConfig, make_plan, plan_config  # noqa: E402
 
-# Qwen/Qwen1.5-1.8B (configs/model/qwen1_5_1_8b.yaml, reference.md section 1)
-QWEN1_5_1_8B = dict(
-    vocab_size=151936,
-    hidden_size=2048,
-    intermediate_size=5504,
-    num_hidden_layers=24,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    max_position_embeddings=32768,
-    rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    num_experts=0,
-    bos_token_id=151643,
-    eos_token_id=151643,
-)
+QWEN1_5_1_8B = load_preset("qwen1_5_1_8b")  # the public config.json (reference.md section 1)
 GB = 1e9
 
 
@@ -123,7 +109,7 @@ def run_upcycle(src: Path, out: Path, strategy: str) -> tuple[float, int]:
 
 
 def full_depth_bytes(strategy: str) -> int:
-    moe, _ = plan_config(ModelConfig(**QWEN1_5_1_8B), MoEShape(), UpcycleConfig(strategy=strategy))
+    moe, _ = plan_config(QWEN1_5_1_8B, MoEShape(), UpcycleConfig(strategy=strategy))
     return sum(int(torch.Size(s).numel()) for s in expected_hf_shapes(moe).values()) * 2
 
 
@@ -136,9 +122,7 @@ def main() -> None:
     ap.add_argument("--write-source", type=Path, help=argparse.SUPPRESS)  # internal: step 1 in a child
     args = ap.parse_args()
     if args.write_source:
-        write_source(
-            ModelConfig(**(QWEN1_5_1_8B | {"num_hidden_layers": args.num_layers})), args.write_source
-        )
+        write_source(QWEN1_5_1_8B.replace(num_hidden_layers=args.num_layers), args.write_source)
         return
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="upcycle-bench-"))
@@ -197,7 +181,7 @@ def main() -> None:
         ("ratio upcycle / plain write", f"{up_s / plain_s:.2f} (target <= 2)"),
         ("peak RSS (upcycle process)", f"{rss / GB:.2f} GB (target <= 3)"),
     ]
-    if args.num_layers < QWEN1_5_1_8B["num_hidden_layers"]:
+    if args.num_layers < QWEN1_5_1_8B.num_hidden_layers:
         full = full_depth_bytes(args.strategy)
         rows.append(
             (

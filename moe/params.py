@@ -12,6 +12,18 @@ from pathlib import Path
 from moe.config import ModelConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+PRESET_DIR = Path(CONFIG_DIR) / "model"
+
+
+def load_preset(name: str) -> ModelConfig:
+    """The model preset `configs/model/<name>.yaml`, validated (what `model=<name>` selects)."""
+    from omegaconf import OmegaConf
+
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"no model preset {name!r} in {PRESET_DIR} (have: {have})")
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(path))).validate()  # type: ignore[arg-type]
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -40,19 +41,22 @@ def load_fractions(counts_LE: torch.Tensor) -> torch.Tensor:
     return counts_LE / counts_LE.sum(-1, keepdim=True).clamp(min=1)
 
 
-def layer_load(counts_LE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per MoE layer: the busiest expert's load over the mean load, and the load entropy (nats)."""
+def expert_load(counts_LE: torch.Tensor, layer_ids: Sequence[int] = ()) -> dict[str, float]:
+    """Metrics of per-layer expert assignment counts [L, E] (keys under the `moe/` prefix).
+
+    `load_max_over_mean` (the busiest expert's load over the mean load, worst layer), `load_entropy`
+    (mean over layers, nats) and `load_entropy_max` (log E, a uniform load); with `layer_ids` (the
+    model's index of each of the L layers) also `layerNN_max_over_mean` and `layerNN_entropy`.
+    """
     frac_LE = load_fractions(counts_LE)
     max_over_mean_L = frac_LE.max(-1).values * counts_LE.shape[-1]
     entropy_L = -(frac_LE * frac_LE.clamp(min=1e-12).log()).sum(-1)
-    return max_over_mean_L, entropy_L
-
-
-def expert_load(counts_LE: torch.Tensor) -> dict[str, float]:
-    """Summary of per-layer expert assignment counts [L, E]: worst max/mean ratio and mean entropy."""
-    max_over_mean_L, entropy_L = layer_load(counts_LE)
-    return {
-        "max_over_mean": max_over_mean_L.max().item(),
-        "entropy": entropy_L.mean().item(),
-        "entropy_max": math.log(counts_LE.shape[-1]),
+    metrics = {
+        "load_max_over_mean": max_over_mean_L.max().item(),
+        "load_entropy": entropy_L.mean().item(),
+        "load_entropy_max": math.log(counts_LE.shape[-1]),
     }
+    for layer, idx in enumerate(layer_ids):
+        metrics[f"layer{idx:02d}_max_over_mean"] = float(max_over_mean_L[layer])
+        metrics[f"layer{idx:02d}_entropy"] = float(entropy_L[layer])
+    return metrics

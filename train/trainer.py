@@ -32,7 +32,7 @@ from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
 from train.callbacks.jsonl import JsonlMetrics
 from train.config import TrainConfig, WandbMode
-from train.metrics import expert_load, flops_per_token, layer_load, load_fractions, peak_tflops
+from train.metrics import expert_load, flops_per_token, load_fractions, peak_tflops
 from train.objective import Objective, update_selection_bias
 from train.schedule import lr_lambda
 
@@ -208,7 +208,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self.run_dir, resolved, self.step)  # type: ignore[arg-type]
         history: list[dict[str, float]] = []
-        if cfg.eval_every and cfg.eval_at_start and self.step == 0:
+        if cfg.eval_at_start and self.step == 0:  # validate(): eval_at_start needs eval_every
             metrics = {"train/tokens_seen": 0.0, **self.evaluate()}
             history.append(metrics)
             for cb in self.callbacks:
@@ -322,12 +322,8 @@ class Trainer:
             metrics["perf/mfu"] = achieved / (peak * 1e12)
         if load_LE is not None:
             metrics["train/aux_loss"], metrics["train/z_loss"] = aux, z
-            for k, value in expert_load(load_LE).items():
-                metrics[f"moe/load_{k}"] = value
-            max_over_mean_L, entropy_L = layer_load(load_LE)
-            for layer, idx in enumerate(self.mcfg.moe_layers):
-                metrics[f"moe/layer{idx:02d}_max_over_mean"] = float(max_over_mean_L[layer])
-                metrics[f"moe/layer{idx:02d}_entropy"] = float(entropy_L[layer])
+            for k, value in expert_load(load_LE, self.mcfg.moe_layers).items():
+                metrics[f"moe/{k}"] = value
         return metrics, load_LE
 
     def _track_nonfinite(self, nonfinite: bool) -> None:

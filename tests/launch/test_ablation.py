@@ -7,15 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from launch.ablation import DEFAULT_VARIANTS, VARIANTS, moe_shape
 from launch.ablation_report import RunResult, budgets_of, loss_at, markdown_table
-from moe.config import ModelConfig
+from moe.params import load_preset
 from upcycle import MoEShape, UpcycleConfig, plan_config
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_DENSE = ModelConfig(**OmegaConf.to_container(OmegaConf.load(ROOT / "configs/model/tiny_dense.yaml")))  # type: ignore[arg-type]
+TINY_DENSE = load_preset("tiny_dense")
 
 
 def recipe(variant) -> UpcycleConfig:
@@ -28,9 +27,9 @@ def recipe(variant) -> UpcycleConfig:
 
 
 def test_reference_shape_is_tiny_moe():
-    tiny_moe = OmegaConf.load(ROOT / "configs/model/tiny_moe.yaml")
+    tiny_moe = load_preset("tiny_moe")
     shape = moe_shape(VARIANTS["scratch"], TINY_DENSE.intermediate_size)
-    assert {k: tiny_moe[k] for k in shape} == shape
+    assert {k: getattr(tiny_moe, k) for k in shape} == shape
 
 
 @pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.init == "upcycle"])

@@ -2,21 +2,13 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from moe.config import ModelConfig
 from moe.model import Qwen2MoEForCausalLM
-from moe.params import format_table
-
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
-
-
-def preset(name: str) -> ModelConfig:
-    return ModelConfig(**yaml.safe_load((PRESETS / f"{name}.yaml").read_text())).validate()
+from moe.params import PRESET_DIR, format_table, load_preset
 
 
 @pytest.mark.parametrize(
@@ -45,7 +37,7 @@ def test_validation_names_the_field(changes, message):
 @pytest.mark.parametrize("name", ["tiny_dense", "tiny_moe"])
 @pytest.mark.parametrize("mixed", [False, True])
 def test_num_params_matches_built_module(name, mixed):
-    cfg = preset(name)
+    cfg = load_preset(name)
     if mixed and cfg.is_moe:
         cfg = cfg.replace(mlp_only_layers=[0], decoder_sparse_step=1, tie_word_embeddings=False)
     model = Qwen2MoEForCausalLM(cfg)
@@ -58,7 +50,7 @@ def test_num_params_matches_built_module(name, mixed):
 
 
 def test_num_params_on_meta_device_for_full_size():
-    cfg = preset("qwen1_5_moe_a2_7b")
+    cfg = load_preset("qwen1_5_moe_a2_7b")
     with torch.device("meta"):
         model = Qwen2MoEForCausalLM(cfg)
     assert model.num_params() == cfg.num_params()["total"]
@@ -73,14 +65,14 @@ def test_num_params_on_meta_device_for_full_size():
     ],
 )
 def test_presets_match_published_counts(name, published):
-    n = preset(name).num_params()
+    n = load_preset(name).num_params()
     got = (n["total"] / 1e9, n["activated"] / 1e9, n["activated_non_embedding"] / 1e9)
     for g, p in zip(got, published):
         assert abs(g - p) <= 0.1, (name, got, published)
 
 
 def test_params_cli_last_line_and_overrides():
-    root = PRESETS.parents[1]
+    root = PRESET_DIR.parents[1]
     out = subprocess.run(
         [sys.executable, "-m", "moe.params", "model=qwen1_5_moe_a2_7b", "model.num_experts=30"],
         capture_output=True,
@@ -88,16 +80,16 @@ def test_params_cli_last_line_and_overrides():
         cwd=root,
         check=True,
     ).stdout
-    want = format_table(preset("qwen1_5_moe_a2_7b").replace(num_experts=30)).splitlines()[-1]
+    want = format_table(load_preset("qwen1_5_moe_a2_7b").replace(num_experts=30)).splitlines()[-1]
     assert out.strip().splitlines()[-1] == want
     fewer = (
-        preset("qwen1_5_moe_a2_7b").num_params()["total"] - 30 * 24 * 3 * 2048 * 1408
+        load_preset("qwen1_5_moe_a2_7b").num_params()["total"] - 30 * 24 * 3 * 2048 * 1408
     )  # 30 experts removed
     assert want.startswith(f"total {fewer / 1e9:.2f}B activated 2.69B activated_non_embedding 2.07B")
 
 
 def test_hf_roundtrip_of_config():
-    cfg = preset("qwen1_5_moe_a2_7b")
+    cfg = load_preset("qwen1_5_moe_a2_7b")
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg.replace(router_z_loss_coef=0.0)
 
 

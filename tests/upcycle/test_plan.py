@@ -7,15 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from moe.config import ModelConfig
 from moe.hf import expected_hf_shapes, hf_config_dict
+from moe.params import load_preset
 from upcycle import MoEShape, UpcycleConfig, plan_config, upcycle
 from upcycle.plan import output_shapes
-
-REPO = Path(__file__).resolve().parents[2]
 
 # Qwen/Qwen1.5-MoE-A2.7B config.json (reference.md section 1)
 PUBLIC_A2_7B = {
@@ -56,7 +54,7 @@ PUBLIC_NUM_KEYS = 4659
 
 
 def qwen1_5_1_8b() -> ModelConfig:
-    return ModelConfig(**yaml.safe_load((REPO / "configs/model/qwen1_5_1_8b.yaml").read_text())).validate()
+    return load_preset("qwen1_5_1_8b")
 
 
 def test_default_recipe_matches_qwen1_5_moe_a2_7b():

@@ -265,8 +265,13 @@ class Granular(UpcycleStrategy):
     (E = N / G copies). Router rows are identical within each virtual group {gG, ..., gG + G - 1}, so
     every group has the same probability for all its members and top-k picks whole groups, i.e. one
     copy of every shard, when K is a multiple of G.
-    Default (the paper's weight scaling): gate, up and down of every routed expert x (E G^2 / K)^(1/3),
-    which compensates the K / (E G^2) shrinkage of the output under uniform router probabilities.
+    Default (the paper's weight scaling, Megatron's `_get_moe_activation_scale`): gate, up and down of
+    every routed expert x a^(1/3), where a is how much a uniform router shrinks the routed output:
+    a = E G^2 / K with softmax-then-top-k (norm_topk_prob=false: each selected weight 1 / (E G), each
+    shard selected K / G times) and a = G with renormalised top-k (norm_topk_prob=true: each selected
+    weight 1 / K). The cube root per matrix restores a exactly for a degree-3 homogeneous FFN (squared
+    ReLU); for SwiGLU each neuron is off by sigmoid(c z) / sigmoid(z), c = a^(1/3), z its gate
+    pre-activation (1 at z = 0 and as z -> inf).
     `granular_exact`: routed down x G instead. With norm_topk_prob and K = cG, the K selected weights
     are p_g / (G sum_g' p_g') for c groups, so y_routed = sum_g p_g / (G sum p) x G x sum_shards = the
     routed neurons' share of FFN(x) exactly (reference.md 3.iii).
@@ -305,10 +310,17 @@ class Granular(UpcycleStrategy):
                     f"a multiple of G = {g} (top-k must select whole virtual groups)"
                 )
 
-    def scale(self, moe: ModelConfig, dense: ModelConfig) -> float:
+    def activation_scale(self, moe: ModelConfig, dense: ModelConfig) -> float:
+        """a: the routed output under a uniform router is 1 / a times the routed neurons' share of FFN(x)."""
         g = self.granularity(moe, dense)
-        e = moe.num_experts // g
-        return (e * g * g / moe.num_experts_per_tok) ** (1.0 / 3.0)
+        if moe.norm_topk_prob:  # top-k then renormalise: K weights of 1 / K, each shard K / G times
+            return float(g)
+        e = moe.num_experts // g  # softmax then top-k: K weights of 1 / (E G), each shard K / G times
+        return e * g * g / moe.num_experts_per_tok
+
+    def scale(self, moe: ModelConfig, dense: ModelConfig) -> float:
+        """The factor on each of gate, up and down: a^(1/3) (their product is a)."""
+        return self.activation_scale(moe, dense) ** (1.0 / 3.0)
 
     def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
         g = self.granularity(moe, dense)
@@ -322,6 +334,7 @@ class Granular(UpcycleStrategy):
         if cfg.granular_exact:
             out["routed_down_scale"] = g
         else:
+            out["routed_activation_scale"] = self.activation_scale(moe, dense)
             out["routed_weight_scale"] = self.scale(moe, dense)
         return out
 

@@ -112,7 +112,9 @@ VARIANTS = {
             label="split (LLaMA-MoE, random)",
             init="upcycle",
             shape="split",
-            recipe=("upcycle.strategy=split", "upcycle.split_method=random"),
+            # softmax gating, scale 1: the recorded runs (docs/ablation.md) predate LLaMA-MoE's gating,
+            # now split's default (renormalised top-k, output x E / K)
+            recipe=("upcycle.strategy=split", "upcycle.split_method=random", "upcycle.split_gating=softmax"),
             note="4 x F/4, top-2, no shared expert: half the activated FFN",
         ),
         Variant(

@@ -39,6 +39,15 @@ class SplitMethod(str, enum.Enum):
     clustering = "clustering"  # balanced k-means of the L2-normalised up_proj rows
 
 
+class SplitGating(str, enum.Enum):
+    """How `split` weights the selected experts at init (docs/upcycling.md: what each computes)."""
+
+    # LLaMA-MoE's gate: softmax over the top-k (= renormalised top-k, norm_topk_prob forced true),
+    # routed output x score_scale_factor (default E / K, the value LLaMA-MoE's docs give)
+    llama_moe = "llama_moe"
+    softmax = "softmax"  # Qwen2-MoE's router as the preset says (norm_topk_prob), scale 1 by default
+
+
 @dataclass(kw_only=True)
 class MoEShape:
     """The MoE fields of the upcycled model; defaults are Qwen1.5-MoE-A2.7B's."""
@@ -113,8 +122,12 @@ class UpcycleConfig:
     granular_exact: bool = False
     """granular only: scale routed down projections by G instead of the paper's cube root, which makes
     the model compute the dense function at init (needs norm_topk_prob and top-k a multiple of G)."""
-    split_down_scale: float = 1.0
-    """split only: factor on every routed down projection (LLaMA-MoE's gate `score_scale_factor`)."""
+    split_gating: SplitGating = SplitGating.llama_moe
+    """split only: llama_moe (renormalised top-k, routed output x split_score_scale) | softmax (the
+    preset's norm_topk_prob, scale 1 unless given)."""
+    split_score_scale: float | None = None
+    """split only: LLaMA-MoE's `score_scale_factor`, folded into every routed down projection (Qwen2-MoE
+    has no field for it); null: num_experts / num_experts_per_tok with llama_moe gating, 1 with softmax."""
     dtype: str = "source"
     """Output dtype: source (the source tensors' dtype) | float32 | bfloat16 | float16."""
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -128,7 +141,11 @@ class UpcycleConfig:
 
     def validate(self) -> UpcycleConfig:
         """Raise ValueError naming the first offending field. Returns self."""
-        for name, enum_cls in (("strategy", Strategy), ("split_method", SplitMethod)):
+        for name, enum_cls in (
+            ("strategy", Strategy),
+            ("split_method", SplitMethod),
+            ("split_gating", SplitGating),
+        ):
             try:
                 setattr(self, name, enum_cls(getattr(self, name)))
             except ValueError:
@@ -140,8 +157,10 @@ class UpcycleConfig:
             raise ValueError(f"upcycle.reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
         if self.router_init_std < 0:
             raise ValueError(f"upcycle.router_init_std must be >= 0, got {self.router_init_std}")
-        if self.split_down_scale <= 0:
-            raise ValueError(f"upcycle.split_down_scale must be positive, got {self.split_down_scale}")
+        if self.split_score_scale is not None and self.split_score_scale <= 0:
+            raise ValueError(
+                f"upcycle.split_score_scale must be positive or null, got {self.split_score_scale}"
+            )
         if self.max_shard_bytes <= 0:
             raise ValueError(f"upcycle.max_shard_bytes must be positive, got {self.max_shard_bytes}")
         if self.dtype != "source":

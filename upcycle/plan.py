@@ -56,7 +56,7 @@ def plan_config(
     shape = dataclasses.replace(shape).validate()
     cfg = dataclasses.replace(cfg).validate()
     strategy = get_strategy(cfg.strategy)
-    forced_values = strategy.forced_fields(dense, shape)
+    forced_values = strategy.forced_fields(dense, shape, cfg)
     forced = {k: [getattr(shape, k), v] for k, v in forced_values.items() if getattr(shape, k) != v}
     shape = shape.replace(**forced_values)
     moe = dense.replace(**{f: getattr(shape, f) for f in MOE_FIELDS})

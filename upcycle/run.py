@@ -17,6 +17,7 @@ Design choices:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import os
 import queue
@@ -267,7 +268,7 @@ def _write_metadata(writer: PlannedShardWriter, plan: UpcyclePlan) -> None:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.value if isinstance(v, Strategy | SplitMethod) else v for k, v in d.items()}
+    return {k: v.value if isinstance(v, enum.Enum) else v for k, v in d.items()}
 
 
 def _versions() -> dict[str, str]:

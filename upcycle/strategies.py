@@ -27,7 +27,7 @@ import torch
 
 from moe.config import ModelConfig
 from upcycle.clustering import balanced_kmeans
-from upcycle.config import MoEShape, SplitMethod, Strategy, UpcycleConfig
+from upcycle.config import MoEShape, SplitGating, SplitMethod, Strategy, UpcycleConfig
 
 
 def seeded_generator(seed: int, layer: int, *purpose: object) -> torch.Generator:
@@ -81,7 +81,7 @@ class UpcycleStrategy:
 
     name: ClassVar[Strategy]
 
-    def forced_fields(self, dense: ModelConfig, shape: MoEShape) -> dict[str, Any]:
+    def forced_fields(self, dense: ModelConfig, shape: MoEShape, cfg: UpcycleConfig) -> dict[str, Any]:
         """MoE fields this strategy sets whatever the preset says (reported in the plan)."""
         return {}
 
@@ -115,7 +115,7 @@ class Copy(UpcycleStrategy):
 
     name = Strategy.copy
 
-    def forced_fields(self, dense: ModelConfig, shape: MoEShape) -> dict[str, Any]:
+    def forced_fields(self, dense: ModelConfig, shape: MoEShape, cfg: UpcycleConfig) -> dict[str, Any]:
         return {
             "moe_intermediate_size": dense.intermediate_size,
             "shared_expert_intermediate_size": 0,
@@ -143,12 +143,30 @@ class Split(UpcycleStrategy):
     neuron is replicated. The partition is `random` (an independent random permutation per layer),
     `contiguous` (S_e = [e m, (e+1) m)) or `clustering` (balanced k-means of the L2-normalised up_proj
     rows, LLaMA-MoE's default `proj_type`). Only K of the N pieces run per token, so the model is not
-    the dense function at init; `split_down_scale` multiplies every routed down projection (LLaMA-MoE
-    multiplies the gate scores by a constant `score_scale_factor`, which Qwen2-MoE has no field for).
+    the dense function at init. Gating (`split_gating`):
+    - llama_moe (default): LLaMA-MoE's TopKBalancedNoisyGate, a softmax over the top-k logits, i.e.
+      renormalised top-k (norm_topk_prob forced true), and its calculator's `score_scale_factor` s on
+      the routed output: y = s sum_{k in topK} (p_k / sum_topK p) E_k(x), s = N / K unless given.
+    - softmax: Qwen2-MoE's router with the preset's norm_topk_prob and s = 1 unless given.
+    Qwen2-MoE has no output-scale field, so s is folded into every routed down projection (the same
+    function; under training the scale then sits in the weights instead of a constant multiplier).
     Rules: shared_expert_intermediate_size = 0, num_experts x moe_intermediate_size = F.
     """
 
     name = Strategy.split
+
+    @staticmethod
+    def score_scale(moe: ModelConfig, cfg: UpcycleConfig) -> float:
+        if cfg.split_score_scale is not None:
+            return float(cfg.split_score_scale)
+        if SplitGating(cfg.split_gating) is SplitGating.llama_moe:
+            return moe.num_experts / moe.num_experts_per_tok
+        return 1.0
+
+    def forced_fields(self, dense: ModelConfig, shape: MoEShape, cfg: UpcycleConfig) -> dict[str, Any]:
+        if SplitGating(cfg.split_gating) is SplitGating.llama_moe:
+            return {"norm_topk_prob": True}
+        return {}
 
     def check(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> None:
         n, m, f = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
@@ -165,7 +183,11 @@ class Split(UpcycleStrategy):
             )
 
     def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
-        return {"split_method": cfg.split_method.value, "down_scale": cfg.split_down_scale}
+        return {
+            "split_method": cfg.split_method.value,
+            "gating": cfg.split_gating.value,
+            "score_scale": self.score_scale(moe, cfg),
+        }
 
     def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
         n, m, f = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
@@ -184,7 +206,7 @@ class Split(UpcycleStrategy):
             shared_S=torch.empty(0, dtype=torch.long),
             reinit_NM=_no_reinit(n, m),
             shared_reinit_S=torch.zeros(0, dtype=torch.bool),
-            routed_scales=Scales(down=cfg.split_down_scale),
+            routed_scales=Scales(down=self.score_scale(moe, cfg)),
         )
 
 

@@ -202,7 +202,8 @@ def test_unrealisable_shapes_name_the_fields_and_rule(strategy, fields, recipe, 
         (dict(router_init_std=-1.0), "upcycle.router_init_std must be >= 0"),
         (dict(dtype="int8"), "upcycle.dtype='int8' is unknown"),
         (dict(max_shard_bytes=0), "upcycle.max_shard_bytes must be positive"),
-        (dict(split_down_scale=0.0), "upcycle.split_down_scale must be positive"),
+        (dict(split_score_scale=0.0), "upcycle.split_score_scale must be positive"),
+        (dict(split_gating="noisy"), "upcycle.split_gating='noisy' is unknown"),
     ],
 )
 def test_bad_recipes_name_the_field(recipe, message):

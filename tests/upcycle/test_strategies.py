@@ -15,6 +15,10 @@ from upcycle.strategies import get_strategy, seeded_generator
 FINE = MoEShape(
     num_experts=10, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
 )
+# 6 routed experts of 16 partitioning the 96-wide FFN, top-2
+SPLIT6 = MoEShape(
+    num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=0
+)
 
 
 def _match(rows_MH: torch.Tensor, dense_FH: torch.Tensor) -> torch.Tensor:
@@ -108,14 +112,12 @@ def test_same_seed_same_bytes_other_seed_other_experts(tmp_path):
 @pytest.mark.parametrize("method", ["random", "contiguous", "clustering"])
 def test_split_partitions_the_dense_neurons(method, tmp_path):
     make_dense(tmp_path / "dense")
-    shape = MoEShape(
-        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=0
-    )
     upcycle(
         tmp_path / "dense",
         tmp_path / "moe",
-        shape,
-        UpcycleConfig(strategy="split", split_method=method, progress=False),
+        SPLIT6,
+        # softmax gating: down unscaled, so every slot is a dense neuron bit for bit
+        UpcycleConfig(strategy="split", split_method=method, split_gating="softmax", progress=False),
     )
     for layer in range(2):
         dense = _dense_mlp(tmp_path / "dense", layer)
@@ -127,20 +129,36 @@ def test_split_partitions_the_dense_neurons(method, tmp_path):
             assert not torch.equal(idx, torch.arange(FFN))
 
 
-def test_split_down_scale(tmp_path):
+@pytest.mark.parametrize(
+    "gating, score_scale, norm_topk_prob, want_scale",
+    [
+        ("llama_moe", None, True, 6 / 2),  # LLaMA-MoE: renormalised top-k, output x E / K
+        ("llama_moe", 2.5, True, 2.5),  # the factor given
+        ("softmax", None, False, 1.0),  # Qwen2-MoE's router as the preset says
+        ("softmax", 3.0, False, 3.0),
+    ],
+)
+def test_split_gating(gating, score_scale, norm_topk_prob, want_scale, tmp_path):
     make_dense(tmp_path / "dense")
-    shape = MoEShape(
-        num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=0
+    cfg = UpcycleConfig(
+        strategy="split",
+        split_method="contiguous",
+        split_gating=gating,
+        split_score_scale=score_scale,
+        progress=False,
     )
-    upcycle(
-        tmp_path / "dense",
-        tmp_path / "moe",
-        shape,
-        UpcycleConfig(strategy="split", split_method="contiguous", split_down_scale=3.0, progress=False),
+    upcycle(tmp_path / "dense", tmp_path / "moe", SPLIT6, cfg)
+    rep = report(tmp_path / "moe")
+    assert rep["plan"]["strategy_plan"]["score_scale"] == want_scale
+    assert rep["plan"]["forced_fields"] == (
+        {"norm_topk_prob": [False, True]} if gating == "llama_moe" else {}
     )
-    dense, (gate, _, down) = _dense_mlp(tmp_path / "dense", 0), experts(tmp_path / "moe", 0, 6)[2]
+    moe_cfg, _ = read_config(tmp_path / "moe")
+    assert moe_cfg.norm_topk_prob is norm_topk_prob
+    dense, (gate, up, down) = _dense_mlp(tmp_path / "dense", 0), experts(tmp_path / "moe", 0, 6)[2]
     torch.testing.assert_close(gate, dense["gate"][32:48], rtol=0, atol=0)
-    torch.testing.assert_close(down, 3.0 * dense["down"][:, 32:48])
+    torch.testing.assert_close(up, dense["up"][32:48], rtol=0, atol=0)
+    torch.testing.assert_close(down, want_scale * dense["down"][:, 32:48])
 
 
 def test_balanced_kmeans_recovers_planted_clusters():

@@ -72,6 +72,12 @@ class MoEShape:
     """config.json `intermediate_size` when every layer is MoE (then unused by the model; the public
     A2.7B config has 5632). When a layer stays dense it copies the source FFN, so the source's width
     is written instead; null means the source's width always."""
+    max_position_embeddings: int | None = 8192
+    """config.json context length (tokens); the public A2.7B file has 8192 (its model was upcycled from
+    Qwen-1.8B), Qwen1.5-1.8B says 32768. null keeps the source's."""
+    max_window_layers: int | None = 21
+    """config.json `max_window_layers` (unused without use_sliding_window); 21 in the public A2.7B file.
+    null keeps the source's (its num_hidden_layers when it has none)."""
 
     def validate(self) -> MoEShape:
         """Raise ValueError naming the first offending field. Returns self."""
@@ -90,6 +96,12 @@ class MoEShape:
             raise ValueError(f"moe.router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
         if self.intermediate_size is not None and self.intermediate_size <= 0:
             raise ValueError(f"moe.intermediate_size must be positive or null, got {self.intermediate_size}")
+        if self.max_position_embeddings is not None and self.max_position_embeddings <= 0:
+            raise ValueError(
+                f"moe.max_position_embeddings must be positive or null, got {self.max_position_embeddings}"
+            )
+        if self.max_window_layers is not None and self.max_window_layers < 0:
+            raise ValueError(f"moe.max_window_layers must be >= 0 or null, got {self.max_window_layers}")
         return self
 
     @classmethod

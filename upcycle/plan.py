@@ -27,6 +27,7 @@ from moe.hf import (
     dtype_name,
     empty_shared_expert,
     expected_hf_shapes,
+    hf_config_dict,
     parse_dtype,
     read_config,
 )
@@ -72,6 +73,8 @@ def plan_config(
     all_moe = len(moe.moe_layers) == moe.num_hidden_layers
     if all_moe and shape.intermediate_size is not None:  # else: dense layers copy the source's FFN
         moe = moe.replace(intermediate_size=shape.intermediate_size)
+    if shape.max_position_embeddings is not None:
+        moe = moe.replace(max_position_embeddings=shape.max_position_embeddings)
     moe.validate()
     strategy.check(moe, dense, cfg)
     return moe, forced
@@ -92,6 +95,13 @@ class UpcyclePlan:
     source_dtype: torch.dtype
     dtype: torch.dtype
     strategy_summary: dict[str, Any]
+    max_window_layers: int
+    """Written to config.json (not a ModelConfig field: unused without sliding windows)."""
+    source_context: tuple[int, int]
+    """The source's (max_position_embeddings, max_window_layers), for the printed plan."""
+
+    def config_json(self) -> dict[str, Any]:
+        return config_json(self.moe, self.dtype, self.max_window_layers)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -112,6 +122,8 @@ class UpcyclePlan:
             "seed": self.cfg.seed,
             "forced_fields": self.forced,
             "strategy_plan": self.strategy_summary,
+            "max_position_embeddings": moe.max_position_embeddings,
+            "max_window_layers": self.max_window_layers,
             "moe_layers": moe.moe_layers,
             "dense_layers": [i for i in range(moe.num_hidden_layers) if not moe.is_moe_layer(i)],
             "num_params": moe.num_params(),
@@ -151,6 +163,13 @@ class UpcyclePlan:
                 f"{len(m.moe_layers)} of {m.num_hidden_layers} layers MoE",
             ),
         ]
+        rows.append(
+            (
+                "context",
+                f"max_position_embeddings {m.max_position_embeddings}, max_window_layers "
+                f"{self.max_window_layers} (source: {self.source_context[0]}, {self.source_context[1]})",
+            )
+        )
         for field, (asked, used) in self.forced.items():
             rows.append(("forced", f"{field}: {_fmt(asked)} -> {_fmt(used)} (strategy {c.strategy.value})"))
         rows += [
@@ -169,6 +188,18 @@ class UpcyclePlan:
         ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def config_json(moe: ModelConfig, dtype: torch.dtype, max_window_layers: int) -> dict[str, Any]:
+    """The upcycled config.json: `hf_config_dict`, with the chosen `max_window_layers`."""
+    return hf_config_dict(moe, dtype) | {"max_window_layers": max_window_layers}
+
+
+def window_layers(shape: MoEShape, dense: ModelConfig, raw: Mapping[str, Any]) -> int:
+    """`moe.max_window_layers`, or the source's (its layer count when its config.json has none)."""
+    if shape.max_window_layers is not None:
+        return shape.max_window_layers
+    return int(raw.get("max_window_layers") or dense.num_hidden_layers)
 
 
 def output_shapes(moe: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -209,7 +240,7 @@ def _stored_dtypes(reader: CheckpointReader) -> dict[str, str]:
     return out
 
 
-def _check_source(source: Path) -> tuple[ModelConfig, CheckpointReader]:
+def _check_source(source: Path) -> tuple[ModelConfig, dict[str, Any], CheckpointReader]:
     dense, raw = read_config(source)
     if dense.is_moe or raw.get("model_type") == "qwen2_moe":
         raise ValueError(
@@ -234,7 +265,7 @@ def _check_source(source: Path) -> tuple[ModelConfig, CheckpointReader]:
         raise ValueError(
             f"{source}: tensors a Qwen2 model with this config.json does not have: {extra[:5]}{more}"
         )
-    return dense, reader
+    return dense, raw, reader
 
 
 def make_plan(
@@ -250,7 +281,7 @@ def make_plan(
     source, output = Path(source), Path(output)
     shape = shape if isinstance(shape, MoEShape) else MoEShape.from_mapping(shape)
     cfg = dataclasses.replace(cfg).validate()
-    dense, reader = _check_source(source)
+    dense, raw, reader = _check_source(source)
     moe, forced = plan_config(dense, shape, cfg)
     dtypes = _stored_dtypes(reader)
     ffn_key = f"model.layers.{moe.moe_layers[0]}.mlp.gate_proj.weight"
@@ -271,4 +302,21 @@ def make_plan(
                 f"output directory {output} is not empty (set upcycle.overwrite=true to replace it)"
             )
     summary = get_strategy(cfg.strategy).summary(moe, dense, cfg)
-    return UpcyclePlan(source, output, cfg, shape, dense, moe, forced, source_dtype, dtype, summary)
+    source_context = (
+        dense.max_position_embeddings,
+        window_layers(shape.replace(max_window_layers=None), dense, raw),
+    )
+    return UpcyclePlan(
+        source,
+        output,
+        cfg,
+        shape,
+        dense,
+        moe,
+        forced,
+        source_dtype,
+        dtype,
+        summary,
+        window_layers(shape, dense, raw),
+        source_context,
+    )

@@ -38,7 +38,6 @@ from moe.hf import (
     TOKENIZER_FILES,
     CheckpointReader,
     expected_hf_shapes,
-    hf_config_dict,
 )
 from upcycle.build import DenseFFN, moe_layer_tensors, needs_stats, work_dtype
 from upcycle.config import MoEShape, SplitMethod, Strategy, UpcycleConfig
@@ -252,7 +251,7 @@ def build_workers() -> int:
 
 def _write_metadata(writer: PlannedShardWriter, plan: UpcyclePlan) -> None:
     """config.json for the MoE model; generation config and tokenizer files copied from the source."""
-    writer.write_json(CONFIG_NAME, hf_config_dict(plan.moe, plan.dtype))
+    writer.write_json(CONFIG_NAME, plan.config_json())
     if (plan.source / GENERATION_CONFIG_NAME).is_file():
         writer.copy_file(plan.source / GENERATION_CONFIG_NAME)
     else:

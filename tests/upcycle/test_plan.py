@@ -13,7 +13,7 @@ from moe.config import ModelConfig
 from moe.hf import expected_hf_shapes, hf_config_dict
 from moe.params import load_preset
 from upcycle import MoEShape, UpcycleConfig, plan_config, upcycle
-from upcycle.plan import output_shapes
+from upcycle.plan import config_json, make_plan, output_shapes
 
 # Qwen/Qwen1.5-MoE-A2.7B config.json (reference.md section 1)
 PUBLIC_A2_7B = {
@@ -29,6 +29,8 @@ PUBLIC_A2_7B = {
     "rope_theta": 1000000.0,
     "rms_norm_eps": 1e-06,
     "tie_word_embeddings": False,
+    "max_position_embeddings": 8192,
+    "max_window_layers": 21,
     "use_sliding_window": False,
     "initializer_range": 0.02,
     "attention_dropout": 0.0,
@@ -45,10 +47,9 @@ PUBLIC_A2_7B = {
     "eos_token_id": 151643,
     "torch_dtype": "bfloat16",
 }
-# Not architectural: the source's context length is kept (8192 in the public MoE, which was upcycled
-# from Qwen-1.8B; Qwen1.5-1.8B says 32768), and the sliding-window fields are unused without
-# use_sliding_window.
-NON_ARCHITECTURAL = {"max_position_embeddings", "max_window_layers", "sliding_window"}
+# Unused without use_sliding_window, and not chosen: we write max_position_embeddings (8192), the
+# public file 32768.
+NON_ARCHITECTURAL = {"sliding_window"}
 PUBLIC_TOTAL_SIZE = 28_631_568_384  # model.safetensors.index.json of the public checkpoint
 PUBLIC_NUM_KEYS = 4659
 
@@ -67,7 +68,7 @@ def test_default_recipe_matches_qwen1_5_moe_a2_7b():
     shapes = output_shapes(moe)
     assert len(shapes) == PUBLIC_NUM_KEYS
     assert sum(math.prod(s) for s in shapes.values()) * 2 == PUBLIC_TOTAL_SIZE
-    written = hf_config_dict(moe, torch.bfloat16)
+    written = config_json(moe, torch.bfloat16, MoEShape().max_window_layers)
     for key, value in PUBLIC_A2_7B.items():
         assert written[key] == value, key
     assert written["rope_parameters"]["rope_theta"] == PUBLIC_A2_7B["rope_theta"]
@@ -107,7 +108,7 @@ def test_dense_layers_keep_the_source_width():
     assert moe.intermediate_size == 5504 and moe.moe_layers == list(range(1, 24))
 
 
-def write_header_only(directory: Path, cfg: ModelConfig) -> None:
+def write_header_only(directory: Path, cfg: ModelConfig, **config_changes) -> None:
     """A bf16 checkpoint with real headers and a sparse (unallocated) data section."""
     directory.mkdir()
     header, offset = {}, 0
@@ -120,7 +121,28 @@ def write_header_only(directory: Path, cfg: ModelConfig) -> None:
     with open(directory / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         f.truncate(8 + len(raw) + offset)
-    (directory / "config.json").write_text(json.dumps(hf_config_dict(cfg, torch.bfloat16)))
+    config = hf_config_dict(cfg, torch.bfloat16) | config_changes
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "context, want",
+    [
+        ({}, (8192, 21)),  # the A2.7B preset: the public file's values
+        (dict(max_position_embeddings=None, max_window_layers=None), (32768, 20)),  # the source's
+        (dict(max_position_embeddings=4096, max_window_layers=0), (4096, 0)),
+    ],
+)
+def test_context_length_is_chosen(context, want, tmp_path):
+    source = tmp_path / "src"
+    write_header_only(source, qwen1_5_1_8b().replace(max_position_embeddings=32768), max_window_layers=20)
+    plan = make_plan(source, tmp_path / "out", MoEShape(**context), UpcycleConfig())
+    written = plan.config_json()
+    assert (written["max_position_embeddings"], written["max_window_layers"]) == want
+    assert (plan.to_dict()["max_position_embeddings"], plan.to_dict()["max_window_layers"]) == want
+    assert (
+        f"max_position_embeddings {want[0]}, max_window_layers {want[1]} (source: 32768, 20)" in plan.format()
+    )
 
 
 def test_dry_run_of_the_full_size_recipe_writes_nothing(tmp_path, capsys):
@@ -145,6 +167,8 @@ def test_dry_run_of_the_full_size_recipe_writes_nothing(tmp_path, capsys):
         (dict(shared_expert_intermediate_size=-1), "moe.shared_expert_intermediate_size must be >= 0"),
         (dict(mlp_only_layers=[24]), "moe.mlp_only_layers holds 24"),
         (dict(mlp_only_layers=list(range(24))), "no layer would become MoE"),
+        (dict(max_position_embeddings=0), "moe.max_position_embeddings must be positive or null"),
+        (dict(max_window_layers=-1), "moe.max_window_layers must be >= 0 or null"),
     ],
 )
 def test_bad_moe_shapes_name_the_field(fields, message):

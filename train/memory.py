@@ -13,15 +13,17 @@ Sums run over the groups:
 
     DeepSpeed optimizer (chosen when)              weights  gradients (peak)                     master  Adam
     none, torch AdamW (ZeRO-0, fp32 only)          4 sum N  4 sum N (.grad)                      0       8 sum N
-    BF16_Optimizer (ZeRO-1, bf16, fp32 acc.)       2 sum A  2 sum N (.grad) + 4 sum A (fp32      4 sum P 8 sum P
-                                                            accumulators for the whole model)
+    BF16_Optimizer (ZeRO-1, bf16, fp32 acc.)       2 sum A  4 sum A (fp32 accumulators for the   4 sum P 8 sum P
+                                                            whole model) + 2 max N_p (the .grad
+                                                            its hook is moving, largest tensor)
     DeepSpeedZeroOptimizer (ZeRO-2, bf16, fp32)    2 sum A  4 sum P (fp32 gradient partitions)   4 sum P 8 sum P
     DeepSpeedZeroOptimizer (bf16 acc., or fp32)    lp sum A C + 4 P_g at group g's step; ZeRO-1  4 sum P 8 sum P
                                                             also lp sum N (.grad before reduction)
 
-C (`grads_in_partition`, lp bytes per element) holds the reduced gradients of every parameter that
-overlaps this rank's partitions, counted whole; at the step of group g its partition is cast to fp32
-while C lives on for the later groups. ZeRO-1 shards the optimizer state and master weights, ZeRO-2
+BF16_Optimizer's per-parameter hook (`build_engine` sets `bf16.immediate_grad_update`) adds each
+bf16 .grad to the fp32 accumulators and frees it. C (`grads_in_partition`, lp bytes per element) holds
+the reduced gradients of every parameter that overlaps this rank's partitions, counted whole; at the
+step of group g its partition is cast to fp32 while C lives on for the later groups. ZeRO-1 shards the optimizer state and master weights, ZeRO-2
 the gradients too, ZeRO-0 nothing. Groups are `train.engine.optimizer_groups`: decay (matrices),
 no-decay (biases, norms), then the experts split by DeepSpeed's
 `split_params_into_different_moe_groups_for_optimizer` into chunks of at most 178,956,971 elements.
@@ -351,8 +353,8 @@ def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> Memory
         )
     else:
         weights, master, adam = lp * flat, 4 * part, 8 * part
-        if kind == "BF16_Optimizer":  # bf16 .grad, then fp32 accumulators as large as the whole model
-            gradients = 2 * n_local + 4 * flat
+        if kind == "BF16_Optimizer":  # fp32 accumulators as large as the whole model; each bf16 .grad
+            gradients = 4 * flat + 2 * max(p.numel for p in params)  # is added and freed by its hook
             reduce = 4 * max(
                 _largest_flatten_copy([g.flat for g in groups if g.expert == e], ENGINE_ALLREDUCE_NUMEL)
                 for e in (False, True)

@@ -3,8 +3,9 @@
 For each configuration (ZeRO stage, bf16, gradient-accumulation dtype) it builds the engine with
 `train.engine.shard_experts` + `build_engine`, runs one full step (so Adam's moments and every lazy
 buffer exist), then a second step during which it takes snapshots: at the start of every gradient
-reduction (DeepSpeed's IPG bucket flush, the engine's flattened all-reduce buckets), after the
-backward pass, and when the torch optimizer steps. A snapshot sums the storage bytes of the tensors
+reduction (DeepSpeed's IPG bucket flush, the engine's flattened all-reduce buckets), when
+BF16_Optimizer's hook moves a gradient to fp32, after the backward pass, and when the torch optimizer
+steps. A snapshot sums the storage bytes of the tensors
 DeepSpeed and the model hold, per category, counting each storage once (parameters and gradients are
 views into flat buffers). The peak of each category over the snapshots is what `train.memory` plans.
 
@@ -154,6 +155,14 @@ class Meter:
             return orig_allreduce(*a, **k)
 
         self.eng.allreduce_gradients = allreduce_gradients
+        orig_move = getattr(self.opt, "accumulate_hp_grads_and_remove_lp", None)
+        if orig_move is not None:  # BF16_Optimizer with immediate_grad_update: per-parameter hook
+
+            def accumulate_hp_grads_and_remove_lp(*a, **k):
+                self.snap("before a gradient moves to fp32")
+                return orig_move(*a, **k)
+
+            self.opt.accumulate_hp_grads_and_remove_lp = accumulate_hp_grads_and_remove_lp
         orig_reduce = getattr(self.opt, "reduce_ipg_grads", None)
         if orig_reduce is not None:
 

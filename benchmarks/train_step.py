@@ -20,6 +20,7 @@ import torch
 from moe.config import ModelConfig
 from moe.model import Qwen2MoEForCausalLM
 from train import engine as ds
+from train.comm import Comm
 from train.metrics import flops_per_token, peak_tflops
 
 A27B = dict(
@@ -148,7 +149,7 @@ def main() -> None:
     args.micro_batch = args.micro_batch or (1 if gpu else 2)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
-    ds.init_distributed(device)
+    Comm.init(device.type)  # binds the GPU before NCCL starts
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     measured = measured_matmul_tflops(device, dtype)
     nominal = peak_tflops(device)

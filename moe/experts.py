@@ -49,15 +49,35 @@ def megablocks_available() -> bool:
     return True
 
 
-def resolve_backend(backend: ExpertBackend | str) -> ExpertBackend:
-    """`auto` -> megablocks on CUDA when installed, else torch. Raises ValueError if unavailable."""
+def check_grouped_mm_alignment(hidden_size: int, moe_intermediate_size: int, dtype: torch.dtype) -> None:
+    """Refuse expert widths that grouped GEMMs cannot address, naming the rule.
+
+    `torch.nn.functional.grouped_mm` (CPU and CUDA) and grouped_gemm need every row stride to be a
+    multiple of 16 bytes: `hidden_size` and `moe_intermediate_size` multiples of 4 in fp32 and of 8 in
+    bf16. Without this check the run dies deep in the first forward with "strides should be multiple
+    of 16 bytes".
+    """
+    elem = torch.empty((), dtype=dtype).element_size()
+    multiple = 16 // elem
+    for name, value in (("hidden_size", hidden_size), ("moe_intermediate_size", moe_intermediate_size)):
+        if value % multiple:
+            raise ValueError(
+                f"model.{name}={value} must be a multiple of {multiple} for {str(dtype).removeprefix('torch.')} "
+                f"routed experts: grouped GEMMs need 16-byte-aligned rows ({multiple} x {elem}-byte elements)"
+            )
+
+
+def resolve_backend(backend: ExpertBackend | str, dtype: torch.dtype = torch.bfloat16) -> ExpertBackend:
+    """`auto` -> megablocks on CUDA when installed and the experts are bf16 (grouped_gemm is bf16-only),
+    else torch. Raises ValueError if an explicit choice is unavailable."""
     try:
         backend = ExpertBackend(backend)
     except ValueError:
         choices = ", ".join(b.value for b in ExpertBackend)
         raise ValueError(f"model.expert_backend={backend!r} is unknown; choose one of {choices}") from None
     if backend is ExpertBackend.auto:
-        return ExpertBackend.megablocks if megablocks_available() else ExpertBackend.torch
+        use_megablocks = dtype == torch.bfloat16 and megablocks_available()
+        return ExpertBackend.megablocks if use_megablocks else ExpertBackend.torch
     if backend is ExpertBackend.megablocks:
         if not torch.cuda.is_available():
             raise ValueError("model.expert_backend=megablocks needs CUDA; use expert_backend=torch on CPU")
@@ -87,6 +107,16 @@ def _grouped_mm(x_SA: torch.Tensor, w_EAB: torch.Tensor, offs_E: torch.Tensor) -
     return _ContiguousGrad.apply(F.grouped_mm(x_SA, w_EAB, offs=offs_E))
 
 
+def _no_rows(x_SH: torch.Tensor, gate_up_EIH: torch.Tensor, down_EHI: torch.Tensor) -> torch.Tensor:
+    """The [0, H] output for zero received rows (e.g. an expert-parallel rank that got no token).
+
+    It must still be a function of the received rows: autograd then reaches the dispatch all-to-all's
+    backward on this rank too, which every other EP rank is waiting in, and which returns this rank's
+    own tokens' input gradients from the ranks that computed them. The weights get a zero gradient.
+    """
+    return x_SH * 0 + (gate_up_EIH.sum() + down_EHI.sum()) * 0
+
+
 class TorchOps:
     """Sort-based dispatch + `torch.nn.functional.grouped_mm`; the exact CPU reference."""
 
@@ -95,8 +125,8 @@ class TorchOps:
 
     @staticmethod
     def grouped_swiglu(x_SH, counts_E, gate_up_EIH, down_EHI):
-        if x_SH.shape[0] == 0:  # no rows at all (e.g. an EP rank that received nothing)
-            return x_SH.new_zeros(0, down_EHI.shape[1]) + 0 * (gate_up_EIH.sum() + down_EHI.sum())
+        if x_SH.shape[0] == 0:
+            return _no_rows(x_SH, gate_up_EIH, down_EHI)
         offs_E = torch.cumsum(counts_E, 0).to(torch.int32)
         gate_up_S2I = _grouped_mm(x_SH, gate_up_EIH.transpose(1, 2), offs_E)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
@@ -137,7 +167,7 @@ class MegablocksOps:
                 f"{gate_up_EIH.dtype}; use expert_backend=torch for other dtypes"
             )
         if x_SH.shape[0] == 0:
-            return x_SH.new_zeros(0, down_EHI.shape[1]) + 0 * (gate_up_EIH.sum() + down_EHI.sum())
+            return _no_rows(x_SH, gate_up_EIH, down_EHI)
         batch_sizes = counts_E.cpu()  # grouped_gemm wants int64 sizes on the host
         gate_up_S2I = gmm(x_SH, gate_up_EIH, batch_sizes, trans_b=True)
         gate_SI, up_SI = gate_up_S2I.chunk(2, dim=-1)
@@ -163,14 +193,20 @@ class RoutedExperts(nn.Module):
         self.backend = backend
         self.expert_parallel: ExpertParallel | None = None
         self._ops: Any = None
+        self._ops_dtype: torch.dtype | None = None
 
     @property
     def ops(self) -> Any:
-        if self._ops is None:
-            resolved = resolve_backend(self.backend)
+        """The backend's kernels, resolved at the first forward for the weights' dtype (and again if the
+        dtype changes, e.g. when DeepSpeed casts the model to bf16)."""
+        dtype = self.gate_up_proj.dtype
+        if self._ops is None or self._ops_dtype != dtype:
+            check_grouped_mm_alignment(self.gate_up_proj.shape[2], self.down_proj.shape[2], dtype)
+            resolved = resolve_backend(self.backend, dtype)
             self._ops = (
                 MegablocksOps(self.num_experts) if resolved is ExpertBackend.megablocks else TorchOps()
             )
+            self._ops_dtype = dtype
         return self._ops
 
     def forward(self, x_TH: torch.Tensor, experts_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:

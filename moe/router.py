@@ -46,6 +46,13 @@ class TopKRouter(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
         self.use_selection_bias = False  # a Python flag, not `.any()`: no host sync in forward
 
+    def _apply(self, fn, recurse=True):
+        # Casting the model to bf16 (DeepSpeed does) would round the selection bias too, and its per-step
+        # updates (e.g. 1e-3 on values near 1) would vanish below bf16's resolution: it stays fp32.
+        super()._apply(fn, recurse)
+        self.selection_bias = self.selection_bias.float()
+        return self
+
     def forward(self, x_TH: torch.Tensor) -> RouterOutput:
         logits_TE = F.linear(x_TH.float(), self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)

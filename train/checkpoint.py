@@ -22,17 +22,19 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from moe.experts import RoutedExperts
 from moe.hf import CheckpointReader, ShardedWriter
 from moe.router import TopKRouter
 from train import engine as ds
+
+if TYPE_CHECKING:
+    from train.comm import Comm
 
 META = "meta.json"
 STEP_PREFIX = "step_"
@@ -123,6 +125,7 @@ def _owners(model: torch.nn.Module) -> dict[str, RoutedExperts]:
 def save(
     engine: Any,
     model: torch.nn.Module,
+    comm: Comm,
     run_dir: str | Path,
     step: int,
     meta: dict[str, Any],
@@ -130,14 +133,14 @@ def save(
     keep_last: int,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
-    rank = dist.get_rank()
+    rank = comm.rank
     root = checkpoint_root(run_dir)
     final = root / f"{STEP_PREFIX}{step:08d}"
     tmp = root / f".{STEP_PREFIX}{step:08d}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
-    dist.barrier()
+    comm.barrier()
 
     ep_rank, edp_rank = ds.ep_info(ep_group_name)
     writes = edp_rank == 0
@@ -169,20 +172,18 @@ def save(
         if buffers:
             save_file(buffers, str(tmp / "buffers.safetensors"))
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
-    dist.barrier()
+    comm.barrier()
     if rank == 0:
-        meta = dict(
-            meta, step=step, adam_step=ds.optimizer_step_count(engine), world_size=dist.get_world_size()
-        )
+        meta = dict(meta, step=step, adam_step=ds.optimizer_step_count(engine), world_size=comm.world)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
         os.replace(tmp, final)
         for old in list_complete(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    comm.barrier()
     return final
 
 
-def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
+def load(engine: Any, model: torch.nn.Module, ckpt: Path, comm: Comm) -> dict[str, Any]:
     """Collective: restore weights, optimizer moments and step, buffers and RNG; returns meta.json."""
     meta = json.loads((ckpt / META).read_text())
     reader = StateReader(ckpt)
@@ -213,8 +214,8 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path) -> dict[str, Any]:
             if isinstance(m, TopKRouter) and f"{n}.selection_bias" in buffers:
                 m.selection_bias.copy_(buffers[f"{n}.selection_bias"])
                 m.use_selection_bias = bool(m.selection_bias.any())
-    rng = ckpt / "rng" / f"rank{dist.get_rank():05d}.pt"
-    if meta.get("world_size") == dist.get_world_size() and rng.is_file():
+    rng = ckpt / "rng" / f"rank{comm.rank:05d}.pt"
+    if meta.get("world_size") == comm.world and rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=True))
     return meta
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+import torch
+
 from data.config import DataConfig
 from moe.config import ModelConfig
+from moe.experts import check_grouped_mm_alignment
 
 
 class ScheduleKind(str, enum.Enum):
@@ -22,6 +25,11 @@ class BalanceScope(str, enum.Enum):
     micro_batch = "micro_batch"  # transformers' definition: one micro-batch, pooled over layers
     sequence = "sequence"  # one loss per sequence, averaged
     global_batch = "global_batch"  # expert counts summed over DP ranks (and GA steps so far)
+
+
+class GradDtype(str, enum.Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 class WandbMode(str, enum.Enum):
@@ -71,8 +79,14 @@ class ScheduleConfig:
 class DeepSpeedConfig:
     zero_stage: int = 1
     """ZeRO stage: 0, 1 or 2."""
-    bf16: bool = True
-    """bf16 mixed precision (fp32 master weights); ignored on CPU, where training runs in fp32."""
+    bf16: bool | None = None
+    """bf16 mixed precision: bf16 weights, activations and gradients; fp32 router, losses, master weights
+    and Adam moments. null (the presets' default): bf16 on CUDA, fp32 on CPU. true/false force it on
+    any device; true on CPU really runs bf16 (DeepSpeed's CPU accelerator), which is how CI exercises
+    the GPU's dtype flow."""
+    grad_accum_dtype: GradDtype = GradDtype.fp32
+    """With bf16: the dtype in which gradients are accumulated over micro-batches and reduced over
+    ranks. fp32 (default) keeps small micro-batch contributions that bf16's 8-bit mantissa drops."""
     micro_batch_size: int = 4
     """Sequences per rank per forward pass."""
     grad_accum: int = 1
@@ -85,6 +99,12 @@ class DeepSpeedConfig:
             raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("deepspeed.micro_batch_size and deepspeed.grad_accum must be positive")
+        if self.zero_stage == 0 and self.bf16:
+            raise ValueError(
+                "deepspeed.zero_stage=0 with deepspeed.bf16=true is not supported (DeepSpeed has no ZeRO-0 "
+                "bf16 path with fp32 gradient accumulation and expert groups); use deepspeed=zero1 or zero2"
+            )
+        GradDtype(self.grad_accum_dtype)
 
 
 @dataclass(kw_only=True)
@@ -166,10 +186,22 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves activation memory)."""
 
+    def uses_cuda(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+    def uses_bf16(self) -> bool:
+        """`deepspeed.bf16`, with null resolved for the run's device (bf16 on CUDA, fp32 on CPU)."""
+        if self.deepspeed.bf16 is None:
+            return self.uses_cuda() and self.deepspeed.zero_stage > 0
+        return self.deepspeed.bf16
+
     def validate(self, world_size: int = 1) -> TrainConfig:
         """Check everything that can be checked before building a model."""
         if self.init_from is None:
             self.model.validate()
+            if self.model.is_moe:
+                dtype = torch.bfloat16 if self.uses_bf16() else torch.float32
+                check_grouped_mm_alignment(self.model.hidden_size, self.model.moe_intermediate_size, dtype)
         for part in (self.optim, self.schedule, self.deepspeed):
             part.validate()
         if self.max_steps <= 0:

@@ -27,7 +27,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import deepspeed
 import torch
@@ -47,11 +47,18 @@ from torch import nn
 from moe.dispatch import ExpertParallel
 from moe.experts import RoutedExperts
 
+if TYPE_CHECKING:
+    from train.comm import Comm
+
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join (or, for a plain `python -m train`, create) the default process group. Returns (rank, world)."""
+    """Join (or, for a plain `python -m train`, create) the default process group. Returns (rank, world).
+
+    On CUDA the caller has already made `device` current (`train.comm.bind_device`): NCCL binds its
+    communicators to it.
+    """
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process without a launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
@@ -168,11 +175,20 @@ def build_engine(
     weight_decay: float = 0.1,
     lr_lambda: Any = None,
     bf16: bool = False,
+    grad_accum_dtype: str = "fp32",
     grad_accum: int = 1,
     grad_clip: float = 1.0,
 ) -> Any:
     """deepspeed.initialize with our AdamW, LR schedule (`lr_lambda`: step -> LR factor; None:
-    constant) and MoE groups. The defaults are `OptimConfig`'s. Returns the engine."""
+    constant) and MoE groups. The defaults are `OptimConfig`'s and `DeepSpeedConfig`'s. Returns the engine.
+
+    bf16: weights, activations and gradients in bf16; fp32 master weights and Adam moments (DeepSpeed).
+    `grad_accum_dtype` ("fp32" | "bf16") is the dtype in which gradients are accumulated over
+    micro-batches and reduced over ranks. DeepSpeed's own default is the model dtype (bf16), whose
+    8-bit mantissa drops small micro-batch contributions; ours is fp32. With fp32, ZeRO-1 runs
+    DeepSpeed's `BF16_Optimizer` (fp32 gradient buffers for the whole model) and ZeRO-2 its ZeRO
+    optimizer (fp32 gradient partitions).
+    """
     marker = _MoEGroupsMarker(num_experts, ep_size) if ep_group_name is not None else None
     module = EngineModule(model, marker)
     optimizer = torch.optim.AdamW(
@@ -180,7 +196,11 @@ def build_engine(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda or (lambda step: 1.0))
     if zero_stage == 0 and bf16:
+        # DeepSpeed 0.19.8 has no ZeRO-0 path for bf16 weights with fp32 gradient accumulation
+        # (NotImplementedError), and its bf16-accumulating one was never checked with expert groups.
         raise ValueError("deepspeed.zero_stage=0 with bf16 is not supported for MoE; use zero_stage=1 or 2")
+    if grad_accum_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"deepspeed.grad_accum_dtype must be fp32 or bf16, got {grad_accum_dtype!r}")
     ds_config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -189,7 +209,18 @@ def build_engine(
         "gradient_clipping": grad_clip if zero_stage > 0 else 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
-        "bf16": {"enabled": bf16},
+        # immediate_grad_update: ZeRO-1's BF16_Optimizer otherwise adds each micro-batch's bf16 `.grad`
+        # to its fp32 buffer without clearing it (DeepSpeed 0.19.8), so micro-batch 1 of 8 counts 8 times
+        # (tests/train/test_precision.py measures it); the hook moves and frees every gradient instead.
+        "bf16": {"enabled": bf16, "immediate_grad_update": True},
+        **(
+            {
+                "data_types": {"grad_accum_dtype": grad_accum_dtype},
+                "communication_data_type": grad_accum_dtype,
+            }
+            if bf16
+            else {}
+        ),
         "zero_optimization": {
             "stage": zero_stage,
             "contiguous_gradients": True,
@@ -206,28 +237,28 @@ def build_engine(
     return engine
 
 
-def clip_gradients(engine: Any) -> None:
+def clip_gradients(engine: Any, comm: Comm) -> None:
     """Without ZeRO: the true global gradient norm, then clipping. Call after the boundary backward.
 
     ||g||^2 = sum over dense parameters (identical on every rank after the all-reduce) + sum over all
-    experts (each rank holds a disjoint slice: summed over the expert-parallel group).
+    experts (each rank holds a disjoint slice: summed over the expert-parallel group). The squares are
+    summed on the device in fp64; the norm is read once per optimizer step.
     """
     if engine.finemoe_clip is None or not engine.is_gradient_accumulation_boundary():
         return
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
-    grads = []
+    zero = torch.zeros((), dtype=torch.float64, device=comm.device)
+    dense, expert, grads = zero, zero, []
     for p in engine.module.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = p.grad.detach().double().pow(2).sum()
         if getattr(p, "allreduce", True):
-            dense += sq
+            dense = dense + sq
         else:
-            expert += sq
+            expert = expert + sq
     if engine.finemoe_ep_group is not None:
-        dist.all_reduce(expert, group=engine.finemoe_ep_group)
+        expert = comm.sum(expert, group=engine.finemoe_ep_group)
     norm = float((dense + expert).sqrt())
     engine.finemoe_grad_norm = norm
     if engine.finemoe_clip > 0 and norm > engine.finemoe_clip:

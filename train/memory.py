@@ -59,12 +59,12 @@ is recomputed; the LM head is not checkpointed. A document-boundary attention ma
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field
 
 from moe.config import ModelConfig
 from moe.params import CONFIG_DIR
+from train.config import GradDtype
 
 MOE_GROUP_MAX_NUMEL = 178_956_971
 """`deepspeed.moe.utils.split_params_into_different_moe_groups_for_optimizer`'s max_group_size."""
@@ -73,11 +73,6 @@ ENGINE_ALLREDUCE_NUMEL = 500_000_000
 ALIGNMENT = 2
 """DeepSpeed's `nccl_start_alignment_factor`: flat buffers are padded to a multiple of 2 * group size."""
 GB = 1e9
-
-
-class GradAccumDtype(str, enum.Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
 
 
 @dataclass(kw_only=True)
@@ -92,7 +87,7 @@ class MemoryConfig:
     """ZeRO stage: 0, 1 or 2."""
     bf16: bool = True
     """bf16 weights, gradients and activations (fp32 master weights and Adam moments)."""
-    grad_accum_dtype: GradAccumDtype = GradAccumDtype.fp32
+    grad_accum_dtype: GradDtype = GradDtype.fp32
     """With bf16: dtype of gradient accumulation and reduction (`train.engine.build_engine`'s)."""
     micro_batch_size: int = 4
     """Sequences per rank per forward pass."""
@@ -119,7 +114,7 @@ class MemoryConfig:
                 "memory.zero_stage=0 with memory.bf16=true is refused by train.engine; use 1 or 2"
             )
         try:
-            GradAccumDtype(self.grad_accum_dtype)
+            GradDtype(self.grad_accum_dtype)
         except ValueError:
             raise ValueError(
                 f"memory.grad_accum_dtype must be fp32 or bf16, got {self.grad_accum_dtype!r}"
@@ -139,7 +134,7 @@ class MemoryConfig:
         """The DeepSpeed optimizer wrapper build_engine ends up with."""
         if self.zero_stage == 0:
             return "none"
-        if self.zero_stage == 1 and self.bf16 and self.grad_accum_dtype == GradAccumDtype.fp32:
+        if self.zero_stage == 1 and self.bf16 and self.grad_accum_dtype == GradDtype.fp32:
             return "BF16_Optimizer"
         return "DeepSpeedZeroOptimizer"
 
@@ -360,7 +355,7 @@ def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> Memory
                 for e in (False, True)
             )
         else:
-            fp32_partitions = mem.bf16 and mem.grad_accum_dtype == GradAccumDtype.fp32
+            fp32_partitions = mem.bf16 and mem.grad_accum_dtype == GradDtype.fp32
             if fp32_partitions:  # reduced straight into fp32 partitions, stepped in place
                 gradients = 4 * part
             else:
@@ -427,7 +422,7 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
         f"layout: {mem.world_size} ranks, ep_size {mem.ep_size}"
         + (f" ({cfg.num_experts // mem.ep_size} of {cfg.num_experts} experts per rank)" if cfg.is_moe else "")
         + f", ZeRO-{mem.zero_stage}, {'bf16' if mem.bf16 else 'fp32'}"
-        + (f", {GradAccumDtype(mem.grad_accum_dtype).value} gradient accumulation" if mem.bf16 else "")
+        + (f", {GradDtype(mem.grad_accum_dtype).value} gradient accumulation" if mem.bf16 else "")
         + f"; DeepSpeed optimizer: {mem.optimizer}",
         f"ZeRO state sharded over: dense DP={mem.world_size}"
         + (f", experts EDP={mem.world_size // mem.ep_size}" if cfg.is_moe else ""),

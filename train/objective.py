@@ -15,13 +15,16 @@ Shape legend: B batch, L sequence, T = B*L tokens, E routed experts, K experts p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
 from moe.losses import BalanceStats, balance_stats, load_balancing_loss
 from moe.model import ModelOutput
 from train.config import BalanceScope
+
+if TYPE_CHECKING:
+    from train.comm import Comm
 
 
 @dataclass
@@ -33,10 +36,13 @@ class LossTerms:
 
 
 class Objective:
-    def __init__(self, scope: BalanceScope, aux_coef: float, z_coef: float, dp_group=None):
+    def __init__(
+        self, scope: BalanceScope, aux_coef: float, z_coef: float, comm: Comm | None = None, dp_group=None
+    ):
+        """`comm` (and its `dp_group`) sum the global_batch counts over ranks; None: this process only."""
         self.scope = BalanceScope(scope)
         self.aux_coef, self.z_coef = aux_coef, z_coef
-        self.dp_group = dp_group
+        self.comm, self.dp_group = comm, dp_group
         self._step_counts: torch.Tensor | None = None
         self._step_rows: torch.Tensor | None = None
 
@@ -62,9 +68,8 @@ class Objective:
         for s in out.balance[1:]:
             pooled = pooled + s
         counts, rows = pooled.counts_E.clone(), pooled.rows.clone()
-        if dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:
-            packed = torch.cat([counts, rows[None]])
-            dist.all_reduce(packed, group=self.dp_group)
+        if self.comm is not None and self.comm.world_size(self.dp_group) > 1:
+            packed = self.comm.sum(torch.cat([counts, rows[None]]), group=self.dp_group)
             counts, rows = packed[:-1], packed[-1]
         if self._step_counts is not None and self._step_rows is not None:
             counts, rows = counts + self._step_counts, rows + self._step_rows

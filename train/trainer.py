@@ -8,21 +8,21 @@ needs (weights, Adam moments, LR position, data position, routers' biases, RNG) 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from data.config import Split
 from data.loader import build_loader
 from data.tokenizer import check_vocab, load_tokenizer
 from moe.config import ModelConfig
+from moe.experts import check_grouped_mm_alignment
 from moe.hf import from_pretrained
 from moe.model import Qwen2MoEForCausalLM
 from moe.router import TopKRouter
@@ -31,6 +31,7 @@ from train import engine as ds
 from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
 from train.callbacks.jsonl import JsonlMetrics
+from train.comm import Comm
 from train.config import TrainConfig, WandbMode
 from train.metrics import expert_load, flops_per_token, load_fractions, peak_tflops
 from train.objective import Objective, update_selection_bias
@@ -39,14 +40,6 @@ from train.schedule import lr_lambda
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but CUDA is not available")
-    return torch.device(name)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2MoEForCausalLM:
@@ -72,11 +65,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2MoEForCausalLM:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | None = None):
-        self.device = pick_device(cfg.device)
-        self.rank, self.world = ds.init_distributed(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.comm = Comm.init(cfg.device)
+        self.device, self.rank, self.world = self.comm.device, self.comm.rank, self.comm.world
         self.cfg = cfg.validate(self.world)
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,9 +84,12 @@ class Trainer:
                 f"parallel.ep_size={cfg.parallel.ep_size} must divide num_experts={self.mcfg.num_experts}"
             )
         check_vocab(self.tokenizer, self.mcfg.vocab_size)
+        bf16 = cfg.uses_bf16()
+        if self.mcfg.is_moe:  # init_from models are checked here, configured ones in validate() too
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            check_grouped_mm_alignment(self.mcfg.hidden_size, self.mcfg.moe_intermediate_size, dtype)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.ep_group_name = ds.shard_experts(self.model, cfg.parallel.ep_size)
-        bf16 = cfg.deepspeed.bf16 and self.device.type == "cuda"
         self.engine = ds.build_engine(
             self.model,
             ep_group_name=self.ep_group_name,
@@ -109,12 +102,17 @@ class Trainer:
             lr_lambda=lr_lambda(cfg.schedule, cfg.max_steps),
             zero_stage=cfg.deepspeed.zero_stage,
             bf16=bf16,
+            grad_accum_dtype=cfg.deepspeed.grad_accum_dtype.value,
             micro_batch_size=cfg.deepspeed.micro_batch_size,
             grad_accum=cfg.deepspeed.grad_accum,
             grad_clip=cfg.optim.grad_clip,
         )
         self.objective = Objective(
-            cfg.moe.balance_scope, self.mcfg.router_aux_loss_coef, self.mcfg.router_z_loss_coef, ds.dp_group()
+            cfg.moe.balance_scope,
+            self.mcfg.router_aux_loss_coef,
+            self.mcfg.router_z_loss_coef,
+            self.comm,
+            ds.dp_group(),
         )
         self.routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
         self.loader = build_loader(
@@ -158,7 +156,7 @@ class Trainer:
         ckpt = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
         if ckpt is None:
             return
-        meta = checkpoint.load(self.engine, self.model, ckpt)
+        meta = checkpoint.load(self.engine, self.model, ckpt, self.comm)
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.loader.load_state_dict(meta["loader"])
         self.engine.lr_scheduler.last_epoch = self.step
@@ -180,6 +178,7 @@ class Trainer:
         return checkpoint.save(
             self.engine,
             self.model,
+            self.comm,
             self.run_dir,
             self.step,
             meta,
@@ -195,9 +194,7 @@ class Trainer:
             signal.signal(s, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.comm.any(self._stop_signal is not None)
 
     def fit(self) -> list[dict[str, float]]:
         """Train to `max_steps` (or a stop signal). Returns the logged metrics of this process' steps."""
@@ -263,47 +260,18 @@ class Trainer:
         cfg, engine = self.cfg, self.engine
         t0 = time.perf_counter()
         self.engine.train()
-        self.objective.start_step()
-        sums = {"loss": 0.0, "ce": 0.0, "aux": 0.0, "z": 0.0}
-        load_LE: torch.Tensor | None = None
-        nonfinite = False
-        tokens = 0
-        for _ in range(cfg.deepspeed.grad_accum):
-            batch = self._batch(data_iter)
-            out = engine(**batch)
-            terms = self.objective(out)
-            bad = torch.tensor([0.0 if torch.isfinite(terms.loss) else 1.0])
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
-                nonfinite = True
-                # a finite stand-in keeps every rank's collectives and DeepSpeed's counters in step
-                loss = sum(p.sum() for p in self.model.parameters()) * 0.0
-            else:
-                loss = terms.loss
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            ds.clip_gradients(engine)
-            nonfinite = nonfinite or (boundary and ds.nonfinite_grads_without_zero(engine))
-            with ds.skip_optimizer_step(engine, skip=nonfinite and boundary):
-                engine.step()
-            nonfinite = nonfinite or (boundary and not ds.step_was_applied(engine))
-            tokens += int(batch["input_ids"].numel())
-            for k, v in (("loss", terms.loss), ("ce", terms.ce), ("aux", terms.aux), ("z", terms.z)):
-                if v is not None:
-                    sums[k] += float(v.detach()) / cfg.deepspeed.grad_accum
-            if out.balance:
-                counts = torch.stack([s.counts_E for s in out.balance]).detach()
-                load_LE = counts if load_LE is None else load_LE + counts
-
+        batches = (self._batch(data_iter) for _ in range(cfg.deepspeed.grad_accum))
+        result = optimizer_step(engine, self.objective, self.comm, batches, cfg.deepspeed.grad_accum)
+        load_LE = result.load_LE
         if load_LE is not None:
-            dist.all_reduce(load_LE)  # each rank counted its own tokens (by global expert id)
-            if cfg.moe.bias_update_rate > 0 and not nonfinite:
+            load_LE = self.comm.sum(load_LE)  # each rank counted its own tokens (by global expert id)
+            if cfg.moe.bias_update_rate > 0 and not result.nonfinite:
                 update_selection_bias(self.routers, list(load_LE), cfg.moe.bias_update_rate)
-        totals = torch.tensor([sums["loss"], sums["ce"], sums["aux"], sums["z"], float(tokens)])
-        dist.all_reduce(totals)
-        loss, ce, aux, z = (totals[:4] / self.world).tolist()
-        tokens_all = int(totals[4].item())
-        self._track_nonfinite(nonfinite)
+        # the step's one read of the device: losses over ranks, and the token count
+        totals = self.comm.sum(torch.cat([result.sums, result.tokens[None]])).tolist()
+        loss, ce, aux, z = (t / self.world for t in totals[:4])
+        tokens_all = int(totals[4])
+        self._track_nonfinite(result.nonfinite)
         self.tokens_seen += tokens_all
         dt = time.perf_counter() - t0
         metrics: dict[str, float] = {
@@ -358,18 +326,90 @@ class Trainer:
         assert self.eval_loader is not None, "evaluate() needs eval_every > 0"
         self.eval_loader.load_state_dict(self._eval_start)
         self.engine.eval()
-        total = torch.zeros(2)
+        ce_sum = torch.zeros((), device=self.device)  # accumulated on the device, read once
+        tokens = 0
         for _ in range(self.cfg.eval_batches):
             batch = self._batch(self.eval_loader)
             out = self.engine(**batch)
-            total += torch.tensor(
-                [float(out.ce_loss) * batch["input_ids"].numel(), batch["input_ids"].numel()]
-            )
+            ce_sum += out.ce_loss.float() * batch["input_ids"].numel()
+            tokens += batch["input_ids"].numel()
         self.eval_loader.close()  # no prefetch thread idles until the next evaluation
-        dist.all_reduce(total)
+        total = self.comm.sum(torch.stack([ce_sum, ce_sum.new_tensor(float(tokens))]))
         self.engine.train()
         loss = (total[0] / total[1]).item()
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+
+@dataclass
+class StepResult:
+    """One optimizer step on this rank. Tensors are on the device; nothing was read from it but the
+    one flag that decides whether the update is applied."""
+
+    sums: torch.Tensor
+    """[loss, ce, aux, z], each the mean over this rank's micro-batches (aux, z: 0 for dense models)."""
+    tokens: torch.Tensor
+    """This rank's token count (fp32 scalar, to travel with `sums` in one collective)."""
+    load_LE: torch.Tensor | None
+    """This rank's expert-assignment counts summed over micro-batches [MoE layers, experts]."""
+    nonfinite: bool
+    """Some rank had a non-finite loss or gradient: the update was skipped everywhere."""
+
+
+def optimizer_step(
+    engine: Any,
+    objective: Objective,
+    comm: Comm,
+    batches: Iterable[dict[str, torch.Tensor]],
+    grad_accum: int,
+    *,
+    before_update: Callable[[Any], None] | None = None,
+    on_forward: Callable[[Any], None] | None = None,
+) -> StepResult:
+    """`grad_accum` micro-batches of forward, objective, backward; then the update.
+
+    No host synchronisation per micro-batch: losses, counts and the non-finite flag accumulate on the
+    device. At the boundary one collective decides, identically on every rank, whether to apply the
+    update. A non-finite loss is still back-propagated (its NaN gradients are discarded with the
+    skipped update), so every rank runs the same collectives, in DeepSpeed and in the expert all-to-all.
+    `before_update(engine)` sees the reduced gradients before clipping and the update (tests);
+    `on_forward(output)` sees each micro-batch's model output.
+    """
+    objective.start_step()
+    sums = torch.zeros(4, device=comm.device)
+    bad = torch.zeros((), device=comm.device)
+    load_LE: torch.Tensor | None = None
+    tokens = 0
+    nonfinite = False
+    for batch in batches:
+        out = engine(**batch)
+        if on_forward is not None:
+            on_forward(out)
+        terms = objective(out)
+        bad = torch.maximum(bad, (~torch.isfinite(terms.loss.detach())).float())
+        engine.backward(terms.loss)
+        if engine.is_gradient_accumulation_boundary():
+            if before_update is not None:
+                before_update(engine)
+            ds.clip_gradients(engine, comm)
+            nonfinite = comm.any(bad) or ds.nonfinite_grads_without_zero(engine)
+            with ds.skip_optimizer_step(engine, skip=nonfinite):
+                engine.step()
+            nonfinite = nonfinite or not ds.step_was_applied(engine)
+        else:
+            engine.step()
+        zero = sums.new_zeros(())
+        parts = [
+            terms.loss,
+            terms.ce,
+            zero if terms.aux is None else terms.aux,
+            zero if terms.z is None else terms.z,
+        ]
+        sums += torch.stack([t.detach().float() for t in parts]) / grad_accum
+        tokens += batch["input_ids"].numel()
+        if out.balance:
+            counts = torch.stack([b.counts_E for b in out.balance]).detach()
+            load_LE = counts if load_LE is None else load_LE + counts
+    return StepResult(sums, sums.new_tensor(float(tokens)), load_LE, nonfinite)
 
 
 def run(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> list[dict[str, Any]]:

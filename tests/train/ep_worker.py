@@ -1,29 +1,41 @@
-"""Worker for the 2-process tests: trains a tiny MoE a few steps through the real DeepSpeed engine.
+"""Worker for the multi-process tests: trains a tiny MoE a few steps through the trainer's own
+optimizer step (`train.trainer.optimizer_step`) on the real DeepSpeed engine.
 
-Run by the deepspeed launcher (or alone); writes per-step losses, gradient norms and (optionally)
-the full gradients of every parameter, gathered to global expert ids, to a JSON/pt file.
-Usage: python -m tests.train.ep_worker OUT.pt ep_size zero_stage grad_accum micro_batch scope
+Run by the deepspeed launcher (or alone). Every layout sees the same global batch per step: rank r's
+micro-batch a holds sequences r*mb*ga + a*mb ... of it. Writes, from rank 0, per-step losses and
+gradient norms, every micro-batch's expert counts (summed over ranks), and, unless --no-grads, the
+full gradient of every parameter before the update (experts gathered to global ids).
+
+    python -m tests.train.ep_worker OUT.pt --ep 2 --zero 1 --ga 1 --mb 2 [--experts 4] [--bf16] ...
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_optimizer_state
 
 from moe.config import ModelConfig
 from moe.model import Qwen2MoEForCausalLM
 from train import engine as ds
+from train.comm import Comm
 from train.config import BalanceScope
 from train.objective import Objective
+from train.trainer import optimizer_step
 
-STEPS = 5
-GLOBAL_SEQS = 4
 SEQ = 16
 
+SKEW_STEP = 2
+"""At this step expert 3 receives every token of the first half of the global batch and none of the
+second half (one rank has tokens for it, the other none), and expert 0 receives no token at all."""
+EMPTY_RANK_STEP = 3
+"""At this step every token picks experts 0 and 1: every expert-parallel rank but the first receives no
+row at all (its all-to-all input is empty), for any layout."""
 
-def tiny_moe() -> ModelConfig:
+
+def tiny_moe(num_experts: int = 4) -> ModelConfig:
     return ModelConfig(
         vocab_size=64,
         hidden_size=32,
@@ -31,7 +43,7 @@ def tiny_moe() -> ModelConfig:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        num_experts=4,
+        num_experts=num_experts,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
         shared_expert_intermediate_size=16,
@@ -41,81 +53,175 @@ def tiny_moe() -> ModelConfig:
     )
 
 
-def global_batches(step: int) -> torch.Tensor:
+def global_batch(step: int, seqs: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, 64, (GLOBAL_SEQS, SEQ + 1), generator=g)
+    return torch.randint(0, 64, (seqs, SEQ + 1), generator=g)
 
 
-SKEW_STEP = 2
-"""At this step expert 3 receives every token of the first half of the global batch and none of the
-second half (one rank has tokens for it, the other none), and expert 0 receives no token at all."""
-
-
-def set_skew(routers, step: int, virtual_rank: int) -> None:
+def set_skew(routers, step: int, half: int) -> None:
+    """Selection biases for the skewed steps; `half` is which half of the global batch is running."""
     for r in routers:
-        r.use_selection_bias = step == SKEW_STEP
         r.selection_bias.zero_()
+        r.use_selection_bias = step in (SKEW_STEP, EMPTY_RANK_STEP)
         if step == SKEW_STEP:
-            r.selection_bias[3] = 10.0 if virtual_rank == 0 else -10.0
+            r.selection_bias[3] = 10.0 if half == 0 else -10.0
             r.selection_bias[0] = -10.0
+        elif step == EMPTY_RANK_STEP:
+            r.selection_bias[:2] = 10.0
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--ga", type=int, default=1)
+    p.add_argument("--mb", type=int, default=2)
+    p.add_argument("--scope", default="micro_batch")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--grad-accum-dtype", default="fp32")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--no-grads", action="store_true")
+    p.add_argument("--no-skew", action="store_true")
+    p.add_argument("--global-seqs", type=int, default=4)
+    p.add_argument(
+        "--check-accum",
+        action="store_true",
+        help="record, per parameter, how far the accumulated and reduced gradient is from the exact sum "
+        "of every micro-batch's own (bf16) gradient",
+    )
+    return p.parse_args()
 
 
 def main() -> None:
-    out_path, ep_size, zero, ga, mb, scope = sys.argv[1], *map(int, sys.argv[2:6]), sys.argv[6]
-    rank, world = ds.init_distributed(torch.device("cpu"))
+    args = parse()
+    comm = Comm.init("cpu")
+    rank, world = comm.rank, comm.world
     torch.manual_seed(0)
-    model = Qwen2MoEForCausalLM(tiny_moe())
+    model = Qwen2MoEForCausalLM(tiny_moe(args.experts))
     model.init_weights(torch.Generator().manual_seed(0))
-    group = ds.shard_experts(model, ep_size)
+    group = ds.shard_experts(model, args.ep)
     eng = ds.build_engine(
         model,
         ep_group_name=group,
-        ep_size=ep_size,
-        num_experts=4,
-        lr=1e-2,
+        ep_size=args.ep,
+        num_experts=args.experts,
+        lr=args.lr,
         weight_decay=0.1,
-        zero_stage=zero,
-        micro_batch_size=mb,
-        grad_accum=ga,
+        zero_stage=args.zero,
+        micro_batch_size=args.mb,
+        grad_accum=args.ga,
         grad_clip=0.05,
+        bf16=args.bf16,
+        grad_accum_dtype=args.grad_accum_dtype,
     )
-    objective = Objective(BalanceScope(scope), 0.01, 0.001, ds.dp_group())
-    assert mb * ga * world == GLOBAL_SEQS
+    objective = Objective(BalanceScope(args.scope), 0.01, 0.001, comm, ds.dp_group())
+    mb, ga, seqs = args.mb, args.ga, args.global_seqs
+    assert mb * ga * world == seqs
     routers = [m for m in model.modules() if hasattr(m, "selection_bias")]
-    record: dict = {"loss": [], "grad_norm": [], "grads": [], "expert_tokens": []}
-    for step in range(STEPS):
-        ids = global_batches(step)
-        # rank r's micro-batch a holds sequences r*mb*ga + a*mb ... (same global set for every layout)
-        mine = ids[rank * mb * ga : (rank + 1) * mb * ga]
-        objective.start_step()
-        total = 0.0
+    record: dict = {"loss": [], "grad_norm": [], "grads": [], "expert_tokens": [], "skipped": []}
+    exact = _exact_gradient_sums(model) if args.check_accum else None
+
+    def batches(step: int):
+        mine = global_batch(step, seqs)[rank * mb * ga : (rank + 1) * mb * ga]
         for a in range(ga):
-            # the skew is per micro-batch: only comparable across layouts whose micro-batches are half-batches
-            skew_step = step if scope == "micro_batch" else -1
-            set_skew(routers, skew_step, virtual_rank=(rank * mb * ga + a * mb) * 2 // GLOBAL_SEQS)
+            # skews are per micro-batch; SKEW_STEP is only comparable across layouts whose micro-batches
+            # do not straddle the two halves of the global batch
+            first = rank * mb * ga + a * mb
+            set_skew(routers, -1 if args.no_skew else step, half=first * 2 // seqs)
             chunk = mine[a * mb : (a + 1) * mb]
-            out = eng(input_ids=chunk[:, :-1], targets=chunk[:, 1:])
-            counts = torch.stack([b.counts_E for b in out.balance])
-            dist.all_reduce(counts)
-            record["expert_tokens"].append(counts)
-            terms = objective(out)
-            eng.backward(terms.loss)
-            if eng.is_gradient_accumulation_boundary():
-                record["grads"].append(_gathered_grads(eng, model, group, ep_size))
-            ds.clip_gradients(eng)
-            eng.step()
-            total += float(terms.loss.detach()) / ga
-        t = torch.tensor([total])
-        dist.all_reduce(t)
-        record["loss"].append(t.item() / world)
+            yield {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
+
+    def on_forward(out) -> None:
+        record["expert_tokens"].append(comm.sum(torch.stack([b.counts_E for b in out.balance])))
+        record.setdefault("dtypes", _dtypes(model, eng, out))
+
+    def before_update(engine) -> None:
+        if exact is not None:
+            record.setdefault("accum_error", []).append(_accumulation_error(model, exact, comm, group))
+            for v in exact.values():
+                v.zero_()
+        if not args.no_grads:
+            record["grads"].append(_gathered_grads(model, group, args.ep))
+
+    for step in range(args.steps):
+        result = optimizer_step(
+            eng, objective, comm, batches(step), ga, before_update=before_update, on_forward=on_forward
+        )
+        record["loss"].append(comm.sum(result.sums[0]).item() / world)
         record["grad_norm"].append(ds.grad_norm(eng))
+        record["skipped"].append(result.nonfinite)
+    ds.link_optimizer_state(eng)
+    moment = safe_get_full_optimizer_state(model.model.layers[0].mlp.experts.gate_up_proj, "exp_avg")
+    record["dtypes"]["adam_moment"] = str(moment.dtype) if moment is not None else "none"
     if rank == 0:
-        torch.save(record, out_path)
-    dist.barrier()
+        torch.save(record, args.out)
+    comm.barrier()
 
 
-def _gathered_grads(eng, model, group, ep_size) -> dict[str, torch.Tensor]:
-    """Averaged full gradients (before the optimizer step), experts concatenated over EP ranks."""
+def _dtypes(model, eng, out) -> dict[str, str]:
+    """The dtype of every kind of tensor of the run, as the first forward sees them."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    experts = model.model.layers[0].mlp.experts
+    router = model.model.layers[0].mlp.gate
+    kinds = {
+        "expert_weight": experts.gate_up_proj,
+        "attention_weight": model.model.layers[0].self_attn.q_proj.weight,
+        "logits": out.logits,
+        "router_logits": out.routers[0].logits_TE,
+        "router_weights": out.routers[0].weights_TK,
+        "selection_bias": router.selection_bias,
+        "ce_loss": out.ce_loss,
+        "z_loss": out.z_loss,
+        "master_weight": safe_get_full_fp32_param(experts.gate_up_proj),
+    }
+    return {k: str(v.dtype) if v is not None else "none" for k, v in kinds.items()}
+
+
+def _exact_gradient_sums(model) -> dict[str, torch.Tensor]:
+    """fp64 running sums of each micro-batch's own gradient, as autograd hands it to the parameter
+    (before DeepSpeed accumulates it in its own buffer and dtype)."""
+    sums = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in model.named_parameters()}
+
+    def add_to(total: torch.Tensor):
+        def hook(grad: torch.Tensor) -> None:
+            total.add_(grad.double())
+
+        return hook
+
+    for name, p in model.named_parameters():
+        p.register_hook(add_to(sums[name]))
+    return sums
+
+
+def _accumulation_error(model, exact: dict[str, torch.Tensor], comm: Comm, group) -> dict[str, float]:
+    """Per parameter: max |accumulated and reduced gradient - exact expectation| / max |expectation|.
+
+    DeepSpeed averages dense gradients over all ranks, and expert gradients (each rank's experts already
+    hold every rank's tokens) over the expert-data-parallel group, dividing by the world size.
+    """
+    from deepspeed.utils import safe_get_full_grad
+
+    errors = {}
+    for name, p in model.named_parameters():
+        got = safe_get_full_grad(p)
+        if got is None:
+            raise RuntimeError(f"no gradient for {name}")
+        reduce_group = ds.edp_group(group) if not getattr(p, "allreduce", True) else None
+        want = comm.sum(exact[name], group=reduce_group) / comm.world
+        errors[name] = float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-30))
+    return errors
+
+
+def _gathered_grads(model, group, ep_size) -> dict[str, torch.Tensor]:
+    """Averaged full fp32 gradients (before the update), experts concatenated over EP ranks.
+
+    A parameter without a gradient fails the run: a gradient that was never computed must not pass as
+    zeros.
+    """
     from deepspeed.utils import safe_get_full_grad
 
     grads = {}
@@ -123,7 +229,9 @@ def _gathered_grads(eng, model, group, ep_size) -> dict[str, torch.Tensor]:
         g = safe_get_full_grad(p)
         if g is None:
             g = p.grad
-        g = g.detach().clone() if g is not None else torch.zeros_like(p)
+        if g is None:
+            raise RuntimeError(f"no gradient for {name}")
+        g = g.detach().float().clone()
         if ep_size > 1 and name.endswith(("gate_up_proj", "down_proj")) and "experts" in name:
             parts = [torch.empty_like(g) for _ in range(ep_size)]
             dist.all_gather(parts, g, group=ds.groups._get_expert_parallel_group(group))

@@ -15,6 +15,7 @@ from moe.config import ModelConfig
 from moe.model import Qwen2MoEForCausalLM
 from train import checkpoint
 from train import engine as ds
+from train.comm import Comm
 
 PROBE_SEED = 7
 
@@ -25,7 +26,7 @@ def probe_ids(vocab_size: int) -> torch.Tensor:
 
 def main() -> None:
     ckpt, out = Path(sys.argv[1]), sys.argv[2]
-    ds.init_distributed(torch.device("cpu"))
+    comm = Comm.init("cpu")
     cfg = ModelConfig(**json.loads((ckpt / "meta.json").read_text())["model_config"])
     model = Qwen2MoEForCausalLM(cfg)
     group = ds.shard_experts(model, 1)
@@ -39,7 +40,7 @@ def main() -> None:
         zero_stage=1,
         micro_batch_size=1,
     )
-    checkpoint.load(eng, model, ckpt)
+    checkpoint.load(eng, model, ckpt, comm)
     model.eval()
     with torch.no_grad():
         torch.save(model(probe_ids(cfg.vocab_size)).logits, out)

@@ -1,7 +1,10 @@
-"""2-process gloo runs through the real deepspeed launcher: expert parallel == data parallel == 1 process.
+"""Multi-process gloo runs through the real deepspeed launcher and the trainer's optimizer step.
 
-The single-process run uses 2 gradient-accumulation steps over the same global batch, so all three
-layouts optimise the same objective; losses, DeepSpeed's gradient norms and every gradient must agree.
+Every layout optimises the same objective on the same global batch (the single-process reference
+accumulates gradients over as many micro-batches as the others have ranks), so losses, gradient norms
+and every gradient must agree. The runs include a step at which one expert receives tokens from one
+rank only, and a step at which whole expert-parallel ranks receive no row (`EMPTY_RANK_STEP`).
+This proves the collectives under gloo only; NCCL is exercised by `benchmarks/gpu.sh`.
 """
 
 from __future__ import annotations
@@ -14,33 +17,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.ep_worker import SKEW_STEP
+from tests.train.ep_worker import EMPTY_RANK_STEP, SKEW_STEP
 from tests.train.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_worker(tmp: Path, name: str, procs: int, ep: int, zero: int, ga: int, mb: int, scope: str) -> dict:
+def run_worker(tmp: Path, name: str, procs: int, *args: str) -> dict:
     out = tmp / f"{name}.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    args = ["-m", "tests.train.ep_worker", str(out), str(ep), str(zero), str(ga), str(mb), scope]
     port = free_port()
+    worker = ["tests.train.ep_worker", str(out), *args]
     if procs == 1:
-        cmd = [sys.executable, *args]
+        cmd = [sys.executable, "-m", *worker]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(procs),
-            "--master_port",
-            str(port),
-            "--no_local_rank",
-            "--module",
-            *args[1:],
-        ]
+        launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port", str(port)]
+        cmd = [sys.executable, *launcher, "--no_local_rank", "--module", *worker]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     # DeepSpeed's CPU shared-memory workspace must not outlive the run (train.engine unlinks it)
@@ -48,29 +41,32 @@ def run_worker(tmp: Path, name: str, procs: int, ep: int, zero: int, ga: int, mb
     return torch.load(out, weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref"), "single", 1, 1, 1, 2, 2, "micro_batch")
-
-
-def _assert_same(got: dict, want: dict) -> None:
-    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), rtol=1e-5, atol=0)
+def assert_same(got: dict, want: dict, rtol: float = 1e-5) -> None:
+    assert len(got["loss"]) == len(want["loss"]) and len(got["grads"]) == len(want["grads"])
+    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(want["loss"]), rtol=rtol, atol=0)
     torch.testing.assert_close(
-        torch.tensor(got["grad_norm"]), torch.tensor(want["grad_norm"]), rtol=1e-5, atol=0
+        torch.tensor(got["grad_norm"]), torch.tensor(want["grad_norm"]), rtol=rtol, atol=0
     )
     for step, (g, w) in enumerate(zip(got["grads"], want["grads"])):
+        assert g.keys() == w.keys()
         for name in w:
-            torch.testing.assert_close(g[name], w[name], rtol=1e-5, atol=1e-7, msg=f"step {step} {name}")
+            torch.testing.assert_close(g[name], w[name], rtol=rtol, atol=1e-7, msg=f"step {step} {name}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("ref"), "single", 1, "--ga", "2", "--mb", "2")
 
 
 @pytest.mark.parametrize(("ep", "zero"), [(2, 1), (2, 2), (1, 1), (2, 0)])
 def test_two_processes_equal_single_process(reference, tmp_path, ep, zero):
-    got = run_worker(tmp_path, f"ep{ep}_z{zero}", 2, ep, zero, 1, 2, "micro_batch")
-    _assert_same(got, reference)
+    got = run_worker(tmp_path, f"ep{ep}_z{zero}", 2, "--ep", str(ep), "--zero", str(zero), "--mb", "2")
+    assert_same(got, reference)
 
 
-def test_skewed_step_really_is_skewed(reference):
-    """The skew step routes expert 3 from one half of the batch only, and expert 0 from nowhere."""
+def test_skewed_steps_really_are_skewed(reference):
+    """SKEW_STEP routes expert 3 from one half of the batch only and expert 0 from nowhere;
+    EMPTY_RANK_STEP leaves experts 2 and 3 (expert-parallel rank 1 of 2) without any row."""
     tokens = reference["expert_tokens"][SKEW_STEP * 2 : SKEW_STEP * 2 + 2]  # the two micro-batches (= ranks)
     assert all((t[:, 0] == 0).all() for t in tokens)
     assert (tokens[0][:, 3] > 0).all() and (tokens[1][:, 3] == 0).all()
@@ -79,9 +75,31 @@ def test_skewed_step_really_is_skewed(reference):
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             assert g[0].abs().max() == 0, name  # no token anywhere: exactly zero gradient
             assert g[3].abs().max() > 0, name
+    empty = reference["expert_tokens"][EMPTY_RANK_STEP * 2 : EMPTY_RANK_STEP * 2 + 2]
+    assert all((t[:, 2:] == 0).all() and (t[:, :2] > 0).all() for t in empty)
+    for name, g in reference["grads"][EMPTY_RANK_STEP].items():
+        if name.endswith("experts.down_proj"):
+            assert g[2:].abs().max() == 0 and g[:2].abs().max() > 0, name
 
 
 def test_global_batch_scope_equals_single_process(tmp_path):
-    ref = run_worker(tmp_path, "single_global", 1, 1, 1, 1, 4, "global_batch")
-    got = run_worker(tmp_path, "two_global", 2, 2, 1, 1, 2, "global_batch")
-    _assert_same(got, ref)
+    ref = run_worker(tmp_path, "single_global", 1, "--mb", "4", "--scope", "global_batch")
+    got = run_worker(tmp_path, "two_global", 2, "--ep", "2", "--mb", "2", "--scope", "global_batch")
+    assert_same(got, ref)
+
+
+@pytest.fixture(scope="module")
+def reference_8_experts(tmp_path_factory):
+    """1 process, 4 micro-batches of 1 sequence: the global batch of the 4-process runs."""
+    return run_worker(
+        tmp_path_factory.mktemp("ref8"), "single8", 1, "--experts", "8", "--ga", "4", "--mb", "1"
+    )
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_four_processes_expert_data_parallel_equal_single_process(reference_8_experts, tmp_path, ep):
+    """ZeRO-2 on 4 ranks, 8 experts: ep 2 and ep 4 (expert-data-parallel groups of 2 and 1 ranks)
+    give the losses, gradient norms and gradients of ep 1 on the same 4 ranks and of 1 process.
+    At EMPTY_RANK_STEP, EP ranks 1 (ep 2) and 1-3 (ep 4) receive no row."""
+    args = ["--experts", "8", "--ep", str(ep), "--zero", "2", "--mb", "1"]
+    assert_same(run_worker(tmp_path, f"edp_ep{ep}", 4, *args), reference_8_experts)

@@ -1,0 +1,123 @@
+"""`train.comm`: the one home of the training loop's collectives, and the device rule it enforces."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.comm import Comm
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("moe", "train", "data", "upcycle", "launch", "benchmarks")
+ALLOWED = {"train/comm.py", "moe/dispatch.py"}  # the EP all-to-all stays with the model's dispatch
+COLLECTIVES = {
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "broadcast",
+    "broadcast_object_list",
+    "gather",
+    "scatter",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "monitored_barrier",
+}
+
+
+def collective_calls(path: Path) -> list[str]:
+    """`torch.distributed` collectives called in a file, however the module was imported."""
+    tree = ast.parse(path.read_text())
+    aliases, direct = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "torch.distributed"}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            direct |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch":
+            aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno} {f.id}")
+        elif isinstance(f, ast.Attribute) and f.attr in COLLECTIVES:
+            base = ast.unparse(f.value)
+            if base in aliases or base == "torch.distributed":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {base}.{f.attr}")
+    return found
+
+
+def test_only_train_comm_calls_collectives():
+    offenders = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if str(path.relative_to(ROOT)) not in ALLOWED:
+                offenders += collective_calls(path)
+    assert not offenders, "collectives outside train/comm.py:\n" + "\n".join(offenders)
+
+
+def test_the_scan_finds_collectives(tmp_path):
+    """The negative control: every import style is seen."""
+    src = tmp_path / "x.py"
+    src.write_text(
+        "import torch\nimport torch.distributed as dist\nfrom torch.distributed import barrier\n"
+        "from torch import distributed as d2\n"
+        "dist.all_reduce(t)\nbarrier()\nd2.broadcast(t, 0)\ntorch.distributed.all_gather(a, t)\n"
+        "dist.get_rank()\n"
+    )
+    global ROOT
+    old, ROOT = ROOT, tmp_path
+    try:
+        assert [c.split(" ")[1] for c in collective_calls(src)] == [
+            "dist.all_reduce",
+            "barrier",
+            "d2.broadcast",
+            "torch.distributed.all_gather",
+        ]
+    finally:
+        ROOT = old
+
+
+@pytest.fixture
+def recorded_collectives(monkeypatch):
+    """Comm without a process group: collectives record the device of the tensor they are handed."""
+    seen: list[torch.device] = []
+
+    def fake_all_reduce(t, op=None, group=None):
+        seen.append(t.device)
+
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    return seen
+
+
+def test_collectives_get_tensors_on_the_group_device(recorded_collectives):
+    """Whatever the caller passes (a CPU tensor, a float, a list), the collective gets a tensor on the
+    process group's device: `meta` stands in for `cuda:N`, which this CPU machine lacks."""
+    comm = Comm(torch.device("meta"))
+    outs = [comm.sum(torch.ones(3)), comm.max(2.0), comm.sum([1.0, 2.0])]
+    assert recorded_collectives == [torch.device("meta")] * 3
+    assert all(o.device.type == "meta" for o in outs)
+
+
+def test_collectives_leave_the_input_alone(recorded_collectives):
+    comm = Comm(torch.device("cpu"))
+    x = torch.ones(2)
+    out = comm.sum(x)
+    assert out is not x and out.data_ptr() != x.data_ptr()

@@ -4,3 +4,17 @@ import os
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import gpu_guard  # noqa: E402  (after the environment above)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "megablocks: needs CUDA and the megablocks backend (megablocks' compiled ops, grouped_gemm)",
+    )
+
+
+def pytest_runtest_setup(item):
+    # gpu / megablocks marks: run, skip with the reason, or fail under FINEMOE_REQUIRE_GPU=1
+    gpu_guard.guard_item(item)

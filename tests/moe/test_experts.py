@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe.config import ModelConfig
+from moe.config import ExpertBackend, ModelConfig
 from moe.dispatch import permute, unpermute
-from moe.experts import RoutedExperts, resolve_backend
+from moe.experts import RoutedExperts, check_grouped_mm_alignment, resolve_backend
 from moe.layer import MoEBlock, SwiGLU
 from tests.moe.reference import loop_experts
 
@@ -122,9 +122,67 @@ def test_block_matches_float64_formula():
 
 
 def test_backend_resolution_errors():
-    assert resolve_backend("auto").value in ("torch", "megablocks")
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto") is ExpertBackend.torch
     with pytest.raises(ValueError, match="expert_backend='triton' is unknown"):
         resolve_backend("triton")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="megablocks needs CUDA"):
             resolve_backend("megablocks")
+
+
+def test_auto_is_torch_for_non_bf16_weights(monkeypatch):
+    """grouped_gemm is bf16-only: `auto` picks megablocks only for bf16 experts, even where it works."""
+    monkeypatch.setattr("moe.experts.megablocks_available", lambda: True)
+    assert resolve_backend("auto", torch.bfloat16) is ExpertBackend.megablocks
+    assert resolve_backend("auto", torch.float32) is ExpertBackend.torch
+    assert resolve_backend("auto", torch.float16) is ExpertBackend.torch
+
+
+@pytest.mark.parametrize(
+    ("hidden", "inter", "dtype", "bad"),
+    [
+        (58, 8, torch.float32, "hidden_size=58 must be a multiple of 4"),
+        (16, 12, torch.bfloat16, "moe_intermediate_size=12 must be a multiple of 8"),
+    ],
+)
+def test_misaligned_widths_are_refused_with_the_rule(hidden, inter, dtype, bad):
+    """Unchecked, grouped_mm dies with "strides should be multiple of 16 bytes" (CPU and CUDA)."""
+    ex = RoutedExperts(4, hidden, inter, "torch").to(dtype)
+    x = torch.randn(5, hidden, dtype=dtype)
+    with pytest.raises(ValueError, match=bad):
+        ex(x, torch.zeros(5, 1, dtype=torch.long), torch.ones(5, 1))
+    with pytest.raises(ValueError, match="16-byte-aligned"):
+        check_grouped_mm_alignment(hidden, inter, dtype)
+    check_grouped_mm_alignment(16, 8, dtype)  # aligned: no error
+
+
+def test_empty_input_still_depends_on_the_rows():
+    """An expert-parallel rank that receives no row: autograd must reach the (empty) input, or that
+    rank never joins the all-to-all's backward that its peers wait in."""
+    ex = _experts()
+    x = torch.zeros(0, 16, requires_grad=True)
+    y = ex.ops.grouped_swiglu(x, torch.zeros(6, dtype=torch.long), ex.gate_up_proj, ex.down_proj)
+    assert y.shape == (0, 16) and y.grad_fn is not None
+    reached = []
+    x.register_hook(lambda g: reached.append(g.shape))
+    y.sum().backward()
+    assert reached == [torch.Size([0, 16])]
+    assert ex.gate_up_proj.grad is not None and ex.gate_up_proj.grad.abs().max() == 0
+
+
+def test_selection_bias_stays_fp32_under_bf16():
+    """bf16 would round 0.5 + 1e-3 back to 0.5: the aux-loss-free bias updates would vanish."""
+    block = MoEBlock(
+        ModelConfig(
+            hidden_size=16,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            intermediate_size=32,
+        )
+    ).to(torch.bfloat16)
+    assert block.gate.weight.dtype == torch.bfloat16
+    assert block.gate.selection_bias.dtype == torch.float32

@@ -85,6 +85,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-skew", action="store_true")
+    p.add_argument("--no-half-skew", action="store_true", help="skip SKEW_STEP (keep EMPTY_RANK_STEP)")
     p.add_argument("--global-seqs", type=int, default=4)
     p.add_argument(
         "--check-accum",
@@ -127,10 +128,12 @@ def main() -> None:
     def batches(step: int):
         mine = global_batch(step, seqs)[rank * mb * ga : (rank + 1) * mb * ga]
         for a in range(ga):
-            # skews are per micro-batch; SKEW_STEP is only comparable across layouts whose micro-batches
-            # do not straddle the two halves of the global batch
+            # SKEW_STEP biases each half of the global batch differently: only layouts whose micro-batches
+            # all lie within one half can reproduce it (compared runs must agree on --no-half-skew)
             first = rank * mb * ga + a * mb
-            set_skew(routers, -1 if args.no_skew else step, half=first * 2 // seqs)
+            assert args.no_half_skew or (first + mb - 1) * 2 // seqs == first * 2 // seqs
+            skip = args.no_skew or (step == SKEW_STEP and args.no_half_skew)
+            set_skew(routers, -1 if skip else step, half=first * 2 // seqs)
             chunk = mine[a * mb : (a + 1) * mb]
             yield {"input_ids": chunk[:, :-1], "targets": chunk[:, 1:]}
 

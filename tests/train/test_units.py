@@ -93,3 +93,16 @@ def test_train_config_validation():
     with pytest.raises(ValueError, match="deepspeed.zero_stage must be 0, 1 or 2"):
         TrainConfig(deepspeed=DeepSpeedConfig(zero_stage=3)).validate()
     assert math.isfinite(TrainConfig().validate().optim.lr)
+    with pytest.raises(ValueError, match="zero_stage=0 with deepspeed.bf16=true is not supported"):
+        TrainConfig(deepspeed=DeepSpeedConfig(zero_stage=0, bf16=True)).validate()
+    # grouped-GEMM alignment depends on the run's dtype: 20 is fine in fp32, not in bf16
+    moe = ModelConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=20)
+    TrainConfig(model=moe, deepspeed=DeepSpeedConfig(bf16=False)).validate()
+    with pytest.raises(ValueError, match="moe_intermediate_size=20 must be a multiple of 8 for bfloat16"):
+        TrainConfig(model=moe, deepspeed=DeepSpeedConfig(bf16=True)).validate()
+
+
+def test_bf16_null_means_cuda_only():
+    cfg = TrainConfig(device="cpu")
+    assert cfg.deepspeed.bf16 is None and not cfg.uses_bf16()
+    assert TrainConfig(device="cpu", deepspeed=DeepSpeedConfig(bf16=True)).uses_bf16()

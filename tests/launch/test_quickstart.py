@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.runner import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -30,7 +32,7 @@ def test_quickstart_pipeline_two_processes(tmp_path):
             "--wandb",
             "disabled",
             "--master-port",
-            "29611",
+            str(free_port()),
         ],
         cwd=ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

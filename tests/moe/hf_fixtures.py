@@ -40,7 +40,7 @@ def make_hf_model(case: str, seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=128,
         rope_theta=10000.0,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=3e-5,  # not the default: a reader that ignored eps would fail
     )
     common |= kw
     torch.manual_seed(seed)

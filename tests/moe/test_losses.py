@@ -1,10 +1,17 @@
 """Router losses against transformers' formula and a float64 computation."""
 
+import pytest
 import torch
 from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
 from moe.losses import BalanceStats, balance_stats, load_balancing_loss, z_loss
 from moe.router import TopKRouter
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws from the same stream, whatever ran before it."""
+    torch.manual_seed(1234)
 
 
 def _routers(num_layers=3, tokens=40, experts=8, top_k=2, seed=0):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.train.ep_worker import EMPTY_RANK_STEP, SKEW_STEP
+from moe.model import Qwen2MoEForCausalLM
+from tests.train.ep_worker import EMPTY_RANK_STEP, SKEW_STEP, global_batch, tiny_moe
 from tests.train.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,3 +111,49 @@ def test_four_processes_expert_data_parallel_equal_single_process(reference_8_ex
     At EMPTY_RANK_STEP, EP ranks 1 (ep 2) and 1-3 (ep 4) receive no row."""
     args = ["--experts", "8", "--ep", str(ep), "--zero", "2", "--mb", "1"]
     assert_same(run_worker(tmp_path, f"edp_ep{ep}", 4, *args), reference_8_experts)
+
+
+def test_global_batch_with_accumulation_counts_the_step_so_far(tmp_path):
+    """2 ranks x 2 micro-batches, `global_batch` scope: micro-batch a's balance loss uses the expert
+    counts of micro-batches 0..a of *every* rank (as docs/parallel.md and Megatron's global aux loss
+    promise). The reference recomputes that objective in one process, without DeepSpeed or
+    `Objective`: f_E from the counts so far, P_E from the micro-batch's own probabilities."""
+    got = run_worker(
+        tmp_path,
+        "ga_global",
+        2,
+        "--ep",
+        "2",
+        "--ga",
+        "2",
+        "--mb",
+        "1",
+        "--scope",
+        "global_batch",
+        "--steps",
+        "1",
+    )
+    torch.manual_seed(0)
+    model = Qwen2MoEForCausalLM(tiny_moe())
+    model.init_weights(torch.Generator().manual_seed(0))
+    ids = global_batch(0, 4)
+    outs = {}  # (rank, micro-batch) -> output; rank r's micro-batch a is sequence 2r + a
+    for r in range(2):
+        for a in range(2):
+            seq = ids[2 * r + a : 2 * r + a + 1]
+            outs[r, a] = model(input_ids=seq[:, :-1], targets=seq[:, 1:])
+    total = torch.zeros(())
+    so_far_E, rows_so_far = 0.0, 0.0
+    for a in range(2):
+        for r in range(2):
+            so_far_E = so_far_E + sum(b.counts_E for b in outs[r, a].balance)
+            rows_so_far = rows_so_far + sum(b.rows for b in outs[r, a].balance)
+        for r in range(2):
+            out = outs[r, a]
+            p_E = sum(b.prob_sum_E for b in out.balance) / sum(b.rows for b in out.balance)
+            aux = 4 * (so_far_E / rows_so_far * p_E).sum()
+            total = total + (out.ce_loss + 0.01 * aux + 0.001 * out.z_loss) / 4
+    total.backward()
+    for name, p in model.named_parameters():
+        scale = float(p.grad.abs().max())
+        torch.testing.assert_close(got["grads"][0][name], p.grad, rtol=1e-5, atol=1e-5 * scale, msg=name)

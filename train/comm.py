@@ -85,3 +85,18 @@ class Comm:
 
     def world_size(self, group=None) -> int:
         return dist.get_world_size(group)
+
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        """Rank `src`'s `data` on every rank (the others pass None): its length, then its bytes, as
+        uint8 tensors on `self.device`. For small payloads (a checkpoint id, a resume plan)."""
+        size = torch.tensor([len(data) if self.rank == src and data is not None else 0], device=self.device)
+        dist.broadcast(size, src=src)
+        n = int(size.item())
+        if n == 0:
+            return b""
+        buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            assert data is not None
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buf, src=src)
+        return buf.cpu().numpy().tobytes()

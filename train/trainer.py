@@ -153,10 +153,14 @@ class Trainer:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def resume_if_requested(self) -> None:
-        ckpt = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir)
-        if ckpt is None:
+        # the newest undamaged checkpoint (older ones of the branch when files are missing or corrupt)
+        restored = checkpoint.restore(
+            self.engine, self.model, self.cfg.checkpoint.resume, self.run_dir, self.comm
+        )
+        self.checkpoint_parent = None if restored is None else restored.id  # the next save continues it
+        if restored is None:
             return
-        meta = checkpoint.load(self.engine, self.model, ckpt, self.comm)
+        ckpt, meta = restored.path, restored.meta
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.loader.load_state_dict(meta["loader"])
         self.engine.lr_scheduler.last_epoch = self.step
@@ -175,7 +179,7 @@ class Trainer:
             "ep_size": self.cfg.parallel.ep_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
         }
-        return checkpoint.save(
+        saved = checkpoint.save(
             self.engine,
             self.model,
             self.comm,
@@ -184,7 +188,10 @@ class Trainer:
             meta,
             self.ep_group_name,
             self.cfg.checkpoint.keep_last,
+            parent=getattr(self, "checkpoint_parent", None),
         )
+        self.checkpoint_parent = saved.id
+        return saved.path
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):

@@ -105,19 +105,21 @@ def test_incomplete_checkpoint_is_refused_and_nothing_written(tmp_path, ep2_run)
     shutil.rmtree(run / "checkpoints" / "step_00000003")
     ckpt = checkpoint.list_complete(run)[-1]
     out = tmp_path / "hf"
-    # a truncated shard is named in the error, and the half-written export is removed
-    shard = next((ckpt / "ep000").glob("*.safetensors"))
+    # a truncated shard is named (sizes are checked against meta.json before anything is read)
+    shard = ckpt / "shards" / "dense-r00000-000.safetensors"
     saved = shard.read_bytes()
     shard.write_bytes(saved[:100])
-    with pytest.raises(ValueError, match=f"{shard.name}: cannot be read as safetensors"):
+    with pytest.raises(ValueError, match=r"dense-r00000-000\.safetensors is 100 bytes, meta\.json records"):
+        export(ckpt, out)
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
+    # an unreadable one of the right size is named, and the half-written export is removed
+    shard.write_bytes(b"\xff" * len(saved))
+    with pytest.raises(ValueError, match="dense-r00000-000.safetensors: cannot be read as safetensors"):
         export(ckpt, out)
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
     shard.write_bytes(saved)
-    shutil.rmtree(ckpt / "ep001")
-    out = tmp_path / "hf"
-    with pytest.raises(
-        ValueError, match=r"is incomplete: 'model\.layers\.0\.mlp\.experts\.gate_up_proj\.7::fp32'"
-    ):
+    (ckpt / "shards" / "experts-r00001-000.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"experts-r00001-000\.safetensors is missing"):
         export(run, out)
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
     (ckpt / "meta.json").unlink()

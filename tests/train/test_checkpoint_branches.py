@@ -1,0 +1,104 @@
+"""Checkpoints through the trainer: rollbacks make branches, keep_last counts the current one, damaged
+checkpoints fall back, and a full disk on one rank of two stops both without a hang."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.train.runner import losses, train
+from train import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def meta(ckpt) -> dict:
+    return json.loads((ckpt / "meta.json").read_text())
+
+
+def names(run) -> list[str]:
+    return [p.name for p in checkpoint.list_complete(run)]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """4 steps, checkpoints at 2 and 4 (one process)."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    train(run, "max_steps=4", "checkpoint.every=2")
+    assert names(run) == ["step_00000002", "step_00000004"]
+    return run
+
+
+def test_rollback_branches_and_keep_last(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    root = run / "checkpoints"
+    old4 = meta(root / "step_00000004")["id"]
+    step2 = meta(root / "step_00000002")["id"]
+    (root / ".step_00000009.tmp").mkdir()  # left by a save that was killed
+
+    # roll back to step 2 (as after a loss spike) and save step 4 again, keeping one checkpoint
+    train(run, f"checkpoint.resume={root / 'step_00000002'}", "max_steps=4", "checkpoint.keep_last=1")
+    assert not (root / ".step_00000009.tmp").exists()
+    assert names(run) == ["step_00000004"]  # not a collision, and keep_last=1 kept what it wrote
+    new4 = meta(root / "step_00000004")
+    assert new4["id"] != old4 and new4["parent"] == step2
+    (branch,) = (root / checkpoint.ABANDONED).iterdir()
+    assert branch.name.endswith("_step_00000004_from_step_00000002")
+    assert [p.name for p in branch.iterdir()] == ["step_00000004"]
+    assert meta(branch / "step_00000004")["id"] == old4  # the abandoned branch stays visible
+
+    # resume=auto continues the branch written last, not the abandoned one
+    assert checkpoint.resolve_resume("auto", run) == root / "step_00000004"
+    train(run, "max_steps=5", "checkpoint.keep_last=2")
+    assert names(run) == ["step_00000004", "step_00000005"]
+    assert meta(root / "step_00000005")["parent"] == new4["id"]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]  # step 5 logged after resuming at 4
+
+    # resume=none in a used directory: a new branch from scratch, the old one moved aside at its first save
+    train(run, "checkpoint.resume=none", "max_steps=1")
+    assert names(run) == ["step_00000001"] and meta(root / "step_00000001")["parent"] is None
+    assert len(list((root / checkpoint.ABANDONED).iterdir())) == 2
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_valid_one(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    root = run / "checkpoints"
+    shard = root / "step_00000004" / "shards" / "dense-r00000-000.safetensors"
+    data = bytearray(shard.read_bytes())
+
+    # truncated: seen from the sizes alone, before anything is read
+    shard.write_bytes(bytes(data[:-8]))
+    assert checkpoint.candidates("auto", run) == [root / "step_00000002"]
+    with pytest.raises(ValueError, match=r"step_00000004 is damaged: shards/dense-r00000-000.safetensors is"):
+        checkpoint.resolve_resume(str(root / "step_00000004"), run)
+
+    # corrupt (same size): seen by the hash while reading; the trainer falls back to step 2
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = train(run, "max_steps=3")
+    assert "sha256 differs" in res.stdout and f"falling back to {root / 'step_00000002'}" in res.stdout
+    assert f"resumed from {root / 'step_00000002'} at step 2" in res.stdout
+    assert names(run) == ["step_00000002", "step_00000003"]
+    assert meta(root / "step_00000003")["parent"] == meta(root / "step_00000002")["id"]
+
+
+def test_full_disk_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoint(tmp_path):
+    """2 processes, experts shared over an expert-data-parallel group of 2: the step-4 save fails on
+    rank 1 only (ENOSPC half-way through its first shard). Both ranks raise at once; nothing hangs."""
+    run = tmp_path / "run"
+    res = train(
+        run, "max_steps=4", "checkpoint.every=2", procs=2, env={"FINEMOE_FAULT_ENOSPC": "1:4"}, check=False
+    )
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert "checkpoint of step 4 failed on rank 1: OSError: [Errno 28] No space left on device" in out
+    assert "checkpoint of step 4 failed on another rank" in out  # rank 0
+    assert names(run) == ["step_00000002"] and not list((run / "checkpoints").glob(".*tmp"))
+    # every rank wrote an equal share of step 2 (dense over both ranks, experts over the EDP group)
+    io = meta(run / "checkpoints" / "step_00000002")["io"]
+    assert len(io["bytes_per_rank"]) == 2
+    assert max(io["bytes_per_rank"]) / min(io["bytes_per_rank"]) < 1.01, io

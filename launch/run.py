@@ -8,6 +8,11 @@
 Multi-node runs use DeepSpeed's per-node launcher (`deepspeed.launcher.launch`) with the same
 `--world_info` that the `deepspeed` command would compute from the hostfile; `--dry-run` prints the
 command of every node, which is exactly what `deepspeed --hostfile` would start there over pdsh.
+
+SIGTERM (preemption, SLURM's `--signal`) is forwarded to the trainers of this node themselves, not
+to DeepSpeed's launcher: the launcher answers SIGTERM by terminating the trainers and SIGKILLing them
+30 s later, too soon to write a large checkpoint. A trainer that gets SIGTERM finishes its step,
+saves and exits 0, and the launchers then exit by themselves (docs/checkpoints.md: sizing the grace).
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ import base64
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from cli import guarded
+
+PROG = "python -m launch.run"
 # Environment that matters for NCCL on multi-node GPU clusters; passed through when set.
 NCCL_ENV = (
     "NCCL_SOCKET_IFNAME",
@@ -83,13 +93,16 @@ def node_commands(
     ]
 
 
+@guarded(PROG)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, overrides = argv[:i], argv[i + 1 :]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines) for multi-node runs")
     p.add_argument("--num-gpus", type=int, default=None, help="processes on this node (single-node runs)")
     p.add_argument(
@@ -102,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="DS_ACCELERATOR=cpu (gloo), for laptops and CI")
     p.add_argument("--dry-run", action="store_true", help="print the commands and environment, run nothing")
     args = p.parse_args(argv)
+    if args.hostfile and not Path(args.hostfile).is_file():
+        raise FileNotFoundError(f"--hostfile {args.hostfile}: no such file")
 
     env = {k: os.environ[k] for k in NCCL_ENV if k in os.environ}
     if args.cpu:
@@ -112,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cmds = node_commands(hosts, master, args.master_port, overrides)
         if args.node_rank is not None:
             if not 0 <= args.node_rank < len(cmds):
-                raise SystemExit(
+                raise ValueError(
                     f"--node-rank {args.node_rank} outside the {len(cmds)} hosts of {args.hostfile}"
                 )
             targets = [(list(hosts)[args.node_rank], cmds[args.node_rank])]
@@ -163,7 +178,53 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"export {k}={shlex.quote(v)}")
             print(shlex.join(cmd))
             return 0
-    return subprocess.call(cmd, env={**os.environ, **env})
+    return run_forwarding_sigterm(cmd, {**os.environ, **env})
+
+
+def trainer_processes(root_pid: int) -> list[Any]:
+    """The trainers under `root_pid`: the children of every DeepSpeed per-node launcher below it."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    trainers = []
+    for p in procs:
+        try:
+            if "deepspeed.launcher.launch" in p.cmdline():
+                trainers += p.children()
+        except psutil.Error:
+            continue
+    return trainers
+
+
+def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
+    """Run `cmd` (a DeepSpeed launcher); on SIGTERM, signal its trainers and keep waiting for it.
+
+    Before any trainer has started there is nothing to save: the launcher itself is terminated.
+    """
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum: int, frame: Any) -> None:
+        trainers = trainer_processes(proc.pid)
+        targets = trainers or [proc]
+        for p in targets:
+            try:
+                p.send_signal(signum)
+            except (OSError, ProcessLookupError):
+                pass
+            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it has exited already)
+                pass
+        what = f"{len(trainers)} trainers" if trainers else "the launcher (no trainer has started)"
+        print(f"launch.run: signal {signum} forwarded to {what}", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _local_devices(cpu: bool) -> int:

@@ -2,14 +2,19 @@
 
 import base64
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launch.run import read_hostfile
+from tests.train.runner import TINY, free_port, losses, metrics, train
+from train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,3 +65,97 @@ def test_bad_hostfile(tmp_path):
     bad.write_text("gpu-a 8\n")
     with pytest.raises(ValueError, match="hosts:1: expected 'hostname slots=N'"):
         read_hostfile(bad)
+
+
+def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= n:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"fewer than {n} steps logged (exit status {proc.poll()})")
+
+
+@pytest.mark.slow
+def test_sigterm_to_launch_run_saves_the_current_step_and_resume_continues(tmp_path):
+    """2 trainers under DeepSpeed's launcher; SIGTERM to `python -m launch.run` reaches the trainers
+    (not the launcher, which would SIGKILL them 30 s later): they finish the step, save it, exit 0."""
+    run, log = tmp_path / "run", tmp_path / "launch.log"
+    cmd = [sys.executable, "-m", "launch.run", "--cpu", "--num-gpus", "2", "--master-port", str(free_port())]
+    cmd += ["--", *TINY, f"run_dir={run}", "max_steps=400", "parallel=ep2"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_steps(run, 2, proc)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "launch.run: signal 15 forwarded to 2 trainers" in text
+    (ckpt,) = checkpoint.list_complete(run)
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    assert f"stopped by signal 15 at step {step}" in text
+    assert max(losses(run)) == step  # the checkpoint holds the step the trainers were in
+    # resume continues, here on one process (another world size and ep_size)
+    train(run, f"max_steps={step + 1}")
+    assert max(losses(run)) == step + 1
+    assert [p.name for p in checkpoint.list_complete(run)] == [ckpt.name, f"step_{step + 1:08d}"]
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "$@" > "$FAKE/srun.args"
+trap 'echo TERM > "$FAKE/srun.signal"; exit 0' TERM
+echo $$ > "$FAKE/srun.pid"
+while :; do sleep 0.1; done
+"""
+FAKE_SCANCEL = """#!/usr/bin/env bash
+echo "$@" >> "$FAKE/scancel.args"
+kill -TERM "$(cat "$FAKE/srun.pid")"   # what slurmd does for the job's steps
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo node-a; echo node-b
+"""
+
+
+def test_slurm_template_forwards_the_early_sigterm_to_the_job_steps(tmp_path):
+    """The batch shell alone gets `--signal=B:TERM@N`: its trap passes it on to the steps (scancel
+    --signal), then it waits for srun and exits with srun's status. Slurm's commands are faked."""
+    fake, submit = tmp_path / "bin", tmp_path / "submit"
+    fake.mkdir()
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "activate").write_text("")
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+        FAKE=str(fake),
+        SLURM_SUBMIT_DIR=str(submit),
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_ID="4242",
+        SLURM_GPUS_ON_NODE="8",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), "max_steps=7"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not (fake / "srun.pid").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert (fake / "scancel.args").read_text().split() == ["--signal=TERM", "4242"]
+    assert (fake / "srun.signal").read_text().strip() == "TERM"
+    args = (fake / "srun.args").read_text()
+    assert "exec python -m launch.run" in args and "--node-rank $SLURM_NODEID -- max_steps=7" in args
+    assert "forwarding it to the trainers" in out

@@ -247,22 +247,17 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from cli import hydra_main  # stdlib only: data still imports nothing of moe/, upcycle/, train/
 
-    ConfigStore.instance().store(name="data_prepare_schema", node=PrepareConfig)
+    hydra_main("finemoe-prepare", CONFIG_DIR, "data_prepare", "data_prepare_schema", PrepareConfig, _run)
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="data_prepare")
-    def _run(cfg: Any) -> None:
-        job: PrepareConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        r = prepare(job)
-        print(
-            f"prepared {r.path}: {r.num_docs:,} documents, {r.num_tokens:,} tokens in {r.num_shards} shards, "
-            f"{r.seconds:.1f} s ({r.num_tokens / r.seconds:,.0f} tokens/s)"
-        )
 
-    _run()
+def _run(job: PrepareConfig) -> None:
+    r = prepare(job)
+    print(
+        f"prepared {r.path}: {r.num_docs:,} documents, {r.num_tokens:,} tokens in {r.num_shards} shards, "
+        f"{r.seconds:.1f} s ({r.num_tokens / r.seconds:,.0f} tokens/s)"
+    )
 
 
 if __name__ == "__main__":

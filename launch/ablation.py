@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli import guarded
 from launch.ablation_report import (
     RunResult,
     budgets_of,
@@ -57,6 +58,8 @@ from launch.ablation_report import (
     read_metrics,
     train_ce_tail,
 )
+
+PROG = "python -m launch.ablation"
 
 
 # ---- what is compared --------------------------------------------------------------------------
@@ -372,8 +375,11 @@ def build_env(jobs: int, cpu: bool) -> dict[str, str]:
     return env
 
 
+@guarded(PROG)
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", default="cpu", choices=sorted(SIZES))
     p.add_argument("--run-dir", default=None, help="default: runs/ablation (runs/ablation_<size> for others)")
     p.add_argument(
@@ -395,6 +401,8 @@ def main() -> None:
     args = p.parse_args()
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.dense and not (Path(args.dense) / "config.json").is_file():
+        raise FileNotFoundError(f"--dense {args.dense}: not a Hugging Face checkpoint (no config.json)")
 
     import torch
 

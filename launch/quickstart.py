@@ -20,6 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+from cli import guarded
+
+PROG = "python -m launch.quickstart"
 PROMPT = "The for statement in Python"
 
 
@@ -64,8 +67,11 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return str(tok.decode(out[0], skip_special_tokens=True))
 
 
+@guarded(PROG, also=(subprocess.CalledProcessError,))  # a failed stage: its own error is printed above
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--run-dir", default="runs/quickstart")
     p.add_argument("--procs", type=int, default=1, help="training processes (deepspeed launcher when > 1)")
     p.add_argument("--cpu", action="store_true", help="force CPU (DS_ACCELERATOR=cpu)")
@@ -74,6 +80,9 @@ def main() -> None:
     p.add_argument("--wandb", default="offline", choices=["offline", "online", "disabled"])
     p.add_argument("--master-port", type=int, default=29533)
     args = p.parse_args()
+    for name in ("procs", "dense_steps", "moe_steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
     root = Path(args.run_dir)
     env = dict(os.environ)

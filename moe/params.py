@@ -57,18 +57,13 @@ def format_table(cfg: ModelConfig) -> str:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from cli import hydra_main
 
-    ConfigStore.instance().store(name="params_schema", node=ParamsJob)
+    hydra_main("finemoe-params", CONFIG_DIR, "params", "params_schema", ParamsJob, _run)
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="params")
-    def _run(cfg) -> None:
-        job: ParamsJob = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        print(format_table(job.model.validate()))
 
-    _run()
+def _run(job: ParamsJob) -> None:
+    print(format_table(job.model.validate()))
 
 
 if __name__ == "__main__":

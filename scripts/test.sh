@@ -5,5 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 ruff check .
 ruff format --check .
-mypy moe upcycle train data launch
+mypy cli moe upcycle train data launch
 DS_ACCELERATOR=cpu python -m pytest -q tests

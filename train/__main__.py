@@ -1,7 +1,10 @@
-"""`python -m train <overrides>` or `deepspeed --num_gpus N --module train <overrides>`.
+"""`python -m train <overrides>` (console script `finemoe-train`), or under a launcher:
+`deepspeed --num_gpus N --module train <overrides>`. `--help` lists the groups and the composed config.
 
 Hydra reads `configs/train.yaml`; groups: model, data, optim, schedule, deepspeed, parallel, logging,
-checkpoint, experiment. The resolved config is written to `<run_dir>/config.yaml` with the git revision.
+checkpointing, experiment. `-m` runs a sweep, one run directory per job (`train/sweep.py`). The
+resolved config is written to `<run_dir>/config.yaml` with the git revision once the run is built.
+Bad input fails before anything is built: one line on stderr, exit status 2 (`cli`).
 """
 
 from __future__ import annotations
@@ -9,8 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
+from cli import hydra_main, user_errors
+
+PROG = "finemoe-train"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
@@ -40,28 +47,52 @@ def git_revision() -> str:
         return "unknown"
 
 
-def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
+def groups_help() -> str:
+    """`group: option, ...` for each group in `configs/train.yaml`'s defaults list (for `--help`)."""
     from omegaconf import OmegaConf
 
-    from train.config import TrainConfig
+    lines = []
+    defaults = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "train.yaml").defaults)
+    for entry in defaults:  # type: ignore[union-attr]
+        if not isinstance(entry, dict) or next(iter(entry)).startswith("override "):
+            continue  # the schema, _self_, Hydra's own groups
+        group = next(iter(entry)).removeprefix("optional ")
+        options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from omegaconf import OmegaConf
+
+    from train.config import TrainConfig, launcher_world_size
+    from train.sweep import SweepPlan
 
     sys.argv = strip_launcher_args(sys.argv)
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    with user_errors(PROG):
+        plan = SweepPlan.from_argv(sys.argv[1:])
+        plan.check(launcher_world_size())
+    sys.argv += plan.hydra_overrides()
+    OmegaConf.register_new_resolver("finemoe_train_groups", groups_help, replace=True)
+    hydra_main(PROG, CONFIG_DIR, "train", "train_schema", TrainConfig, partial(_train, plan))
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-    def _run(dcfg) -> None:
-        from train.trainer import run
 
-        cfg: TrainConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if int(os.environ.get("RANK", "0")) == 0:
-            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg) + f"# git: {git_revision()}\n")
-        run(cfg)
+def _train(plan, cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
 
-    _run()
+    from train.config import launcher_world_size
+
+    plan.apply(cfg, HydraConfig.get())
+    cfg.validate(launcher_world_size())  # bad values fail before DeepSpeed is even imported
+    from train.trainer import Trainer
+
+    trainer = Trainer(cfg)  # validates everything first; creates run_dir only once all is built
+    if trainer.rank == 0:
+        (Path(cfg.run_dir) / "config.yaml").write_text(
+            OmegaConf.to_yaml(OmegaConf.structured(cfg)) + f"# git: {git_revision()}\n"
+        )
+    trainer.fit()
 
 
 if __name__ == "__main__":

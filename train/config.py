@@ -1,16 +1,20 @@
 """Typed schemas of a training run. Hydra fills them from `configs/train.yaml` and its groups.
 
-Every `validate()` raises ValueError naming the offending field, before any model is built.
+Every `validate()` raises ValueError naming the offending field (FileNotFoundError for a missing
+file), before any process group, model or data is built. `TrainConfig.validate` takes the world size
+from the launcher's environment (`launcher_world_size`), so world-dependent rules are checked then too.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from data.config import DataConfig
+from data.config import BUILTIN, DataConfig
 from moe.config import ModelConfig
 from moe.experts import check_grouped_mm_alignment
 
@@ -195,22 +199,46 @@ class TrainConfig:
             return self.uses_cuda() and self.deepspeed.zero_stage > 0
         return self.deepspeed.bf16
 
-    def validate(self, world_size: int = 1) -> TrainConfig:
-        """Check everything that can be checked before building a model."""
+    def model_config(self) -> ModelConfig:
+        """The model this run trains, validated: `model`, or with `init_from` that checkpoint's
+        config.json with this run's `expert_backend` and loss coefficients (as `build_model` loads it)."""
         if self.init_from is None:
-            self.model.validate()
-            if self.model.is_moe:
-                dtype = torch.bfloat16 if self.uses_bf16() else torch.float32
-                check_grouped_mm_alignment(self.model.hidden_size, self.model.moe_intermediate_size, dtype)
-        for part in (self.optim, self.schedule, self.deepspeed):
+            return self.model.validate()
+        from moe.hf import read_config
+
+        try:
+            base, _ = read_config(self.init_from)
+            return base.replace(
+                expert_backend=self.model.expert_backend,
+                router_aux_loss_coef=self.model.router_aux_loss_coef,
+                router_z_loss_coef=self.model.router_z_loss_coef,
+            ).validate()
+        except ValueError as e:
+            raise ValueError(f"init_from={self.init_from!r}: {e}") from None
+
+    def validate(self, world_size: int = 1) -> TrainConfig:
+        """Check everything that can be checked before building a process group, model or data.
+
+        Reads `init_from`'s config.json and checks that local data paths exist (no data is read).
+        """
+        model = self.model_config()
+        if model.is_moe:
+            dtype = torch.bfloat16 if self.uses_bf16() else torch.float32
+            check_grouped_mm_alignment(model.hidden_size, model.moe_intermediate_size, dtype)
+        for part in (self.optim, self.schedule, self.deepspeed, self.data):
             part.validate()
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.stop_at_step is not None and self.stop_at_step <= 0:
+            raise ValueError(f"stop_at_step must be positive or null, got {self.stop_at_step}")
         ep = self.parallel.ep_size
         if ep <= 0 or world_size % ep:
             raise ValueError(f"parallel.ep_size={ep} must divide the world size {world_size}")
-        if self.init_from is None and ep > 1 and self.model.num_experts % ep:
-            raise ValueError(f"parallel.ep_size={ep} must divide model.num_experts={self.model.num_experts}")
+        if ep > 1 and model.num_experts % ep:
+            origin = f" (from init_from={self.init_from})" if self.init_from else ""
+            raise ValueError(
+                f"parallel.ep_size={ep} must divide model.num_experts={model.num_experts}{origin}"
+            )
         ds = self.deepspeed
         if (
             ds.global_batch_size is not None
@@ -222,10 +250,73 @@ class TrainConfig:
             )
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.checkpoint.every < 0:
+            raise ValueError(
+                f"checkpoint.every must be >= 0 (0: only at the end), got {self.checkpoint.every}"
+            )
+        if not self.checkpoint.resume:
+            raise ValueError("checkpoint.resume must be auto, none or a checkpoint directory, got ''")
         if self.moe.bias_update_rate < 0:
             raise ValueError(f"moe.bias_update_rate must be >= 0, got {self.moe.bias_update_rate}")
+        for name in ("log_every", "heatmap_every"):
+            if getattr(self.logging, name) < 1:
+                raise ValueError(f"logging.{name} must be >= 1, got {getattr(self.logging, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 disables evaluation), got {self.eval_every}")
+        if self.eval_every and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        if self.eval_every and self.data.eval_fraction == 0:
+            raise ValueError(
+                "eval_every > 0 needs data.eval_fraction > 0 (data.eval_fraction=0 holds nothing out)"
+            )
         if self.eval_at_start and self.eval_every <= 0:
             raise ValueError("eval_at_start=true needs eval_every > 0 (it names the eval batches to score)")
+        if self.max_nonfinite_in_a_row < 1:
+            raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        self._check_data_paths()
         return self
+
+    def _check_data_paths(self) -> None:
+        """Local data that does not exist fails now, not after the model is built (no data is read)."""
+        data = self.data
+        if data.prepared_dir is not None:
+            if not Path(data.prepared_dir).expanduser().is_dir():
+                raise FileNotFoundError(
+                    f"data.prepared_dir={data.prepared_dir!r}: no such directory (write it with "
+                    "python -m data.prepare and the same data config)"
+                )
+            return
+        from data.sources import _data_files  # the loader's own rule: file, directory, glob or Hub name
+
+        for i, src in enumerate(data.sources):
+            path = os.path.expanduser(src.path)
+            if src.path != BUILTIN and not os.path.isdir(path):  # directories: possibly save_to_disk
+                _data_files(path, f"data.sources[{i}] (path={src.path!r})")
+
+    def warnings(self, model: ModelConfig) -> list[str]:
+        """What is allowed but probably not meant, for `model` (`model_config()`)."""
+        out = []
+        if self.data.seq_len > model.max_position_embeddings:
+            origin = f"init_from {self.init_from}'s config.json" if self.init_from else "model"
+            out.append(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_position_embeddings="
+                f"{model.max_position_embeddings} (from {origin}): the exported config.json will claim "
+                f"max_position_embeddings={model.max_position_embeddings}, shorter than the sequences "
+                "trained on"
+                + ("" if self.init_from else f"; set model.max_position_embeddings={self.data.seq_len}")
+            )
+        return out
+
+
+def launcher_world_size() -> int:
+    """The number of training processes, known before the process group exists: the size of an
+    existing process group, else the launcher's WORLD_SIZE (torchrun, deepspeed, SLURM via
+    launch/), else 1."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"the environment's WORLD_SIZE={value!r} is not a positive integer")
+    return int(value)

@@ -144,19 +144,14 @@ def _selection_biases(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from cli import hydra_main
 
-    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+    hydra_main("finemoe-export", CONFIG_DIR, "export", "export_schema", ExportConfig, _run)
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-    def _run(dcfg) -> None:
-        cfg: ExportConfig = OmegaConf.to_object(dcfg)  # type: ignore[assignment]
-        report = export(cfg.checkpoint, cfg.output, cfg.dtype, cfg.max_shard_bytes, cfg.overwrite)
-        print(json.dumps(report, indent=2))
 
-    _run()
+def _run(cfg: ExportConfig) -> None:
+    report = export(cfg.checkpoint, cfg.output, cfg.dtype, cfg.max_shard_bytes, cfg.overwrite)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -456,18 +456,13 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from cli import hydra_main
 
-    ConfigStore.instance().store(name="memory_schema", node=MemoryJob)
+    hydra_main("finemoe-memory", CONFIG_DIR, "memory", "memory_schema", MemoryJob, _run)
 
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="memory")
-    def _run(cfg) -> None:
-        job: MemoryJob = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        print(format_plan(job.model.validate(), job.memory))
 
-    _run()
+def _run(job: MemoryJob) -> None:
+    print(format_plan(job.model.validate(), job.memory))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ needs (weights, Adam moments, LR position, data position, routers' biases, RNG) 
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -32,7 +34,7 @@ from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
 from train.callbacks.jsonl import JsonlMetrics
 from train.comm import Comm
-from train.config import TrainConfig, WandbMode
+from train.config import TrainConfig, WandbMode, launcher_world_size
 from train.metrics import expert_load, flops_per_token, load_fractions, peak_tflops
 from train.objective import Objective, update_selection_bias
 from train.schedule import lr_lambda
@@ -65,11 +67,20 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Qwen2MoEForCausalLM:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | None = None):
+        # Everything that can be checked is, before the process group, the model or the data exist,
+        # and nothing is written before all of it is built.
+        world = launcher_world_size()
+        self.cfg = cfg.validate(world)
+        self.run_dir = Path(cfg.run_dir)
+        expected = cfg.model_config()
+        checkpoint.resolve_resume(cfg.checkpoint.resume, self.run_dir)  # a wrong path fails now
+        if int(os.environ.get("RANK", "0")) == 0:
+            for warning in cfg.warnings(expected):
+                print(f"warning: {warning}", file=sys.stderr)
         self.comm = Comm.init(cfg.device)
         self.device, self.rank, self.world = self.comm.device, self.comm.rank, self.comm.world
-        self.cfg = cfg.validate(self.world)
-        self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world != world:
+            cfg.validate(self.world)
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
@@ -135,6 +146,7 @@ class Trainer:
             )
             self._eval_start = self.eval_loader.state_dict()
         self.callbacks: list[Callback] = []
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))  # exports ship it
             self.callbacks = [JsonlMetrics()]

@@ -2,12 +2,11 @@
 
 Hydra entry point (console script `finemoe-upcycle`). The MoE shape comes from a preset in
 `configs/upcycle/moe/` (default Qwen1.5-MoE-A2.7B), the recipe from `upcycle.*`; see
-docs/upcycling.md. Errors in the input are printed as one line and exit with status 2.
+docs/upcycling.md. Errors in the input are printed as one line and exit with status 2 (`cli`).
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,24 +30,15 @@ class UpcycleJob:
 
 
 def main() -> None:
-    import hydra
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
+    from cli import hydra_main
 
+    hydra_main("finemoe-upcycle", CONFIG_DIR, "upcycle", "upcycle_schema", UpcycleJob, _run)
+
+
+def _run(job: UpcycleJob) -> None:
     from upcycle.run import upcycle
 
-    ConfigStore.instance().store(name="upcycle_schema", node=UpcycleJob)
-
-    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="upcycle")
-    def _run(cfg) -> None:
-        job: UpcycleJob = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-        try:
-            upcycle(job.source, job.output, job.moe, job.upcycle, verbose=True)
-        except ValueError as e:
-            print(f"finemoe-upcycle: error: {e}", file=sys.stderr)
-            sys.exit(2)
-
-    _run()
+    upcycle(job.source, job.output, job.moe, job.upcycle, verbose=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ needs (weights, Adam moments, LR position, data position, routers' biases, RNG) 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -28,7 +29,7 @@ from moe.experts import check_grouped_mm_alignment
 from moe.hf import from_pretrained
 from moe.model import Qwen2MoEForCausalLM
 from moe.router import TopKRouter
-from train import checkpoint
+from train import checkpoint, resume_check
 from train import engine as ds
 from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
@@ -72,8 +73,13 @@ class Trainer:
         world = launcher_world_size()
         self.cfg = cfg.validate(world)
         self.run_dir = Path(cfg.run_dir)
+        self.resolved_config = OmegaConf.to_container(
+            OmegaConf.structured(cfg), resolve=True, enum_to_str=True
+        )
         expected = cfg.model_config()
-        checkpoint.resolve_resume(cfg.checkpoint.resume, self.run_dir)  # a wrong path fails now
+        ckpt = checkpoint.resolve_resume(cfg.checkpoint.resume, self.run_dir)
+        if ckpt is not None:  # another architecture is refused now, by name
+            self._resume_changes(ckpt, asdict(expected), world)
         if int(os.environ.get("RANK", "0")) == 0:
             for warning in cfg.warnings(expected):
                 print(f"warning: {warning}", file=sys.stderr)
@@ -173,6 +179,7 @@ class Trainer:
         if restored is None:
             return
         ckpt, meta = restored.path, restored.meta
+        changed = self._resume_changes(ckpt, asdict(self.mcfg), self.world)
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.loader.load_state_dict(meta["loader"])
         self.engine.lr_scheduler.last_epoch = self.step
@@ -181,6 +188,20 @@ class Trainer:
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.rank == 0:
             print(f"resumed from {ckpt} at step {self.step}")
+            if changed:
+                print(f"changed on resume: {resume_check.describe(changed)}")
+        for cb in self.callbacks:
+            cb.on_resume(self.step, changed)
+
+    def _resume_changes(
+        self, ckpt: Path, model: dict[str, Any], world: int
+    ) -> dict[str, resume_check.Change]:
+        """What this run changes against the checkpoint's recorded config; ValueError for another model."""
+        meta = json.loads((ckpt / checkpoint.META).read_text())
+        try:
+            return resume_check.changes(meta, self.resolved_config, model, world)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise ValueError(f"cannot resume from {ckpt}: {e}") from None
 
     def save(self) -> Path:
         meta = {
@@ -190,6 +211,7 @@ class Trainer:
             "model_config": asdict(self.mcfg),
             "ep_size": self.cfg.parallel.ep_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
+            "config": self.resolved_config,
         }
         saved = checkpoint.save(
             self.engine,

@@ -12,6 +12,9 @@ class Callback:
     def on_start(self, run_dir: Path, config: dict[str, Any], start_step: int) -> None:
         """Before the first step (after a resume, `start_step` > 0)."""
 
+    def on_resume(self, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
+        """Before `on_start` of a resumed run: the config keys it changes, `{key: (old, new)}`."""
+
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Scalars of one optimizer step (or an evaluation)."""
 

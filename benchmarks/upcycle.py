@@ -9,7 +9,9 @@
 3. Runs `python -m upcycle` (the default recipe) as a child process, fsyncs its output, and reports
    the wall time (interpreter start included) and the child's peak RSS from `wait4` (`ru_maxrss`,
    which counts memory-mapped source pages too, and the parent's RSS at spawn time: the parent
-   stays small, step 1 runs in a child of its own).
+   stays small, step 1 runs in a child of its own). The run measures the init distance on the
+   default calibration tokens (random ids: the source has no tokenizer) unless
+   `--calibration-sequences 0`; its summary is the last row.
 
 Targets (issue 4): peak RSS <= 3 GB, wall time <= 2x the plain write. `--num-layers` cuts the depth
 when the disk is too small for 3.7 + 28.6 GB (each layer is about 1.15 GB of output); the table then
@@ -19,6 +21,7 @@ also extrapolates to 24 layers at the measured rates.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -36,6 +39,7 @@ from moe.config import ModelConfig  # noqa: E402
 from moe.hf import ShardedWriter, expected_hf_shapes, write_metadata  # noqa: E402
 from moe.params import load_preset  # noqa: E402
 from upcycle import MoEShape, UpcycleConfig, make_plan, plan_config  # noqa: E402
+from upcycle.distance import summary_line  # noqa: E402
 
 QWEN1_5_1_8B = load_preset("qwen1_5_1_8b")  # the public config.json (reference.md section 1)
 GB = 1e9
@@ -87,7 +91,7 @@ def plain_write(num_bytes: int, out: Path, shard_bytes: int) -> float:
     return elapsed
 
 
-def run_upcycle(src: Path, out: Path, strategy: str) -> tuple[float, int]:
+def run_upcycle(src: Path, out: Path, strategy: str, calibration_sequences: int) -> tuple[float, int]:
     """(wall seconds including the output's fsync, peak RSS bytes) of `python -m upcycle`."""
     cmd = [
         sys.executable,
@@ -96,6 +100,7 @@ def run_upcycle(src: Path, out: Path, strategy: str) -> tuple[float, int]:
         f"source={src}",
         f"output={out}",
         f"upcycle.strategy={strategy}",
+        f"upcycle.calibration.num_sequences={calibration_sequences}",
         "upcycle.progress=false",
     ]
     start = time.perf_counter()
@@ -119,6 +124,12 @@ def main() -> None:
     ap.add_argument("--num-layers", type=int, default=24, help="decoder layers (24 = full Qwen1.5-1.8B)")
     ap.add_argument("--strategy", default="finegrained")
     ap.add_argument("--keep", action="store_true", help="keep the source and output checkpoints")
+    ap.add_argument(
+        "--calibration-sequences",
+        type=int,
+        default=UpcycleConfig().calibration.num_sequences,
+        help="sequences for the init distance (0: not measured)",
+    )
     ap.add_argument("--write-source", type=Path, help=argparse.SUPPRESS)  # internal: step 1 in a child
     args = ap.parse_args()
     if args.write_source:
@@ -146,7 +157,8 @@ def main() -> None:
         )
 
     plain_before = plain_write(out_bytes, plain, ucfg.max_shard_bytes)
-    up_s, rss = run_upcycle(src, out, args.strategy)
+    up_s, rss = run_upcycle(src, out, args.strategy, args.calibration_sequences)
+    distance = json.loads((out / "upcycle_report.json").read_text())["init_distance"]
     plain_after = plain_write(out_bytes, plain, ucfg.max_shard_bytes)
     plain_s = (plain_before + plain_after) / 2
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -180,6 +192,7 @@ def main() -> None:
         ),
         ("ratio upcycle / plain write", f"{up_s / plain_s:.2f} (target <= 2)"),
         ("peak RSS (upcycle process)", f"{rss / GB:.2f} GB (target <= 3)"),
+        ("init distance (in the run above)", summary_line(distance)),
     ]
     if args.num_layers < QWEN1_5_1_8B.num_hidden_layers:
         full = full_depth_bytes(args.strategy)

@@ -1,10 +1,18 @@
 """Upcycle dense Qwen2 checkpoints into fine-grained Qwen2-MoE checkpoints (docs/upcycling.md)."""
 
-from upcycle.config import MoEShape, SplitGating, SplitMethod, Strategy, UpcycleConfig
+from upcycle.config import (
+    CalibrationConfig,
+    MoEShape,
+    SplitGating,
+    SplitMethod,
+    Strategy,
+    UpcycleConfig,
+)
 from upcycle.plan import UpcyclePlan, make_plan, plan_config
 from upcycle.run import upcycle
 
 __all__ = [
+    "CalibrationConfig",
     "MoEShape",
     "SplitGating",
     "SplitMethod",

@@ -12,6 +12,8 @@ Design choices:
   never leaves a directory that looks like a checkpoint.
 - Attention, norms, embeddings, LM head and the layers that stay dense are copied unchanged (bit for
   bit when the output dtype is the source's).
+- The init distance (upcycle/distance.py) reads the same stream in a thread of its own, a bounded
+  number of tensors behind the writer, and lands in the report before the output is published.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,9 @@ from moe.hf import (
     expected_hf_shapes,
 )
 from upcycle.build import DenseFFN, moe_layer_tensors, needs_stats, work_dtype
+from upcycle.calibration import calibration_ids
 from upcycle.config import MoEShape, SplitMethod, Strategy, UpcycleConfig
+from upcycle.distance import InitDistance, summary_line
 from upcycle.plan import UpcyclePlan, make_plan
 from upcycle.strategies import get_strategy
 from upcycle.writer import PlannedShardWriter
@@ -48,6 +52,7 @@ from upcycle.writer import PlannedShardWriter
 REPORT_NAME = "upcycle_report.json"
 REPORT_VERSION = 1
 PREFETCH_TENSORS = 16  # expert tensors built ahead of the writer (about 6 MB each at A2.7B)
+DISTANCE_LAG_TENSORS = 32  # tensors the init-distance thread may lag behind the writer
 
 
 def source_fingerprint(source: str | Path) -> str:
@@ -171,6 +176,51 @@ def prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
                 thread.join(timeout=0.1)
 
 
+class BackgroundConsumer:
+    """Calls `fn(*item)` for each `put` item in a thread of its own, at most `depth` items behind.
+
+    An exception in `fn` stops the consumer and is raised by the next `put` or by `close`.
+    """
+
+    def __init__(self, fn: Callable[..., None], depth: int):
+        self._q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._fn = fn
+        self._thread = threading.Thread(target=self._run, name="upcycle-distance", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is None and not self._stop.is_set():
+                try:
+                    self._fn(*item)
+                except BaseException as e:  # handed to the caller
+                    self._error = e
+
+    def __enter__(self) -> BackgroundConsumer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """On an exception elsewhere: drop the queued items and end the thread."""
+        if exc_type is not None and self._thread.is_alive():
+            self._stop.set()
+            self._q.put(None)
+            self._thread.join()
+
+    def put(self, *item: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._q.put(item)
+
+    def close(self) -> None:
+        """Wait for the queued items; raise the consumer's exception, if any."""
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 def upcycle(
     source: str | Path,
     output: str | Path,
@@ -210,7 +260,15 @@ def upcycle(
     if verbose:
         print(plan.format(), flush=True)
     if plan.cfg.dry_run:
+        report["init_distance"] = {"skipped": "dry run"}
         return report
+    calibration = plan.cfg.calibration
+    distance: InitDistance | None = None
+    if calibration.num_sequences > 0:  # before anything is written: a bad path is an input error
+        ids_BL, calibration_info = calibration_ids(plan.source, calibration, plan.moe.vocab_size)
+        distance = InitDistance(plan, ids_BL)
+    else:
+        report["init_distance"] = {"skipped": "upcycle.calibration.num_sequences=0"}
     # The work is memory-bound copies and sequential RNG streams (one per expert): experts are built
     # on a pool of single-threaded workers instead of with intra-op threads, which would only spin
     # against the writer thread and the kernel's writeback.
@@ -224,10 +282,17 @@ def upcycle(
             ) as writer,
         ):
             fingerprint = pool.submit(source_fingerprint, plan.source)
-            for key, tensor in prefetched(output_tensors(plan, pool, num_workers), PREFETCH_TENSORS):
-                writer.add(key, tensor)
-                del tensor
+            with BackgroundConsumer(distance.add if distance else _ignore, DISTANCE_LAG_TENSORS) as measure:
+                for key, tensor in prefetched(output_tensors(plan, pool, num_workers), PREFETCH_TENSORS):
+                    writer.add(key, tensor)
+                    if distance is not None:
+                        measure.put(key, tensor)
+                    del tensor
+                measure.close()
             _write_metadata(writer, plan)
+            if distance is not None:
+                torch.set_num_threads(num_threads)  # the LM-head products: nothing else runs now
+                report["init_distance"] = {"calibration": calibration_info} | distance.result()
             report["source_fingerprint"] = fingerprint.result()
             report["bytes_written"] = writer.total_bytes
             report["time_s"] = round(time.perf_counter() - start, 3)
@@ -239,7 +304,12 @@ def upcycle(
         print(
             f"wrote {plan.output} ({writer.total_bytes / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s"
         )
+        print(summary_line(report["init_distance"]))
     return report
+
+
+def _ignore(*_: Any) -> None:
+    pass
 
 
 def build_workers() -> int:

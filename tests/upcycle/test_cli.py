@@ -43,6 +43,8 @@ def test_cli_dry_run_then_run(tmp_path):
 
     done = _run(*overrides, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("init distance on 256 tokens (random ids): FFN relative error "), last
     out = tmp_path / "moe"
     assert {
         "config.json",

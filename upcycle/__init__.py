@@ -3,6 +3,7 @@
 from upcycle.config import (
     CalibrationConfig,
     MoEShape,
+    RouterInit,
     SplitGating,
     SplitMethod,
     Strategy,
@@ -14,6 +15,7 @@ from upcycle.run import upcycle
 __all__ = [
     "CalibrationConfig",
     "MoEShape",
+    "RouterInit",
     "SplitGating",
     "SplitMethod",
     "Strategy",

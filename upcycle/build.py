@@ -28,6 +28,7 @@ import torch
 
 from moe.config import ModelConfig
 from moe.hf import CheckpointReader, empty_shared_expert, expert_key
+from upcycle.config import RouterInit, UpcycleConfig
 from upcycle.strategies import LayerPlan, Scales, seeded_generator
 
 T = TypeVar("T")
@@ -160,13 +161,31 @@ def needs_stats(plan: LayerPlan) -> bool:
     )
 
 
+def router_rows(plan: LayerPlan, moe: ModelConfig, layer: int, cfg: UpcycleConfig) -> torch.Tensor:
+    """The router [N, H] in fp32: normal rows (one per group of `plan.router_group`), zeros, or the
+    plan's unit centroid directions x router_init_std x sqrt(H) (entries of RMS router_init_std,
+    like a normal row's)."""
+    n, h, std = moe.num_experts, moe.hidden_size, cfg.router_init_std
+    init = RouterInit(cfg.router_init)
+    if init is RouterInit.zeros:
+        return torch.zeros(n, h)
+    if init is RouterInit.centroids:
+        if plan.centroids_NH is None:
+            raise ValueError("upcycle.router_init=centroids: this layer's plan has no centroids")
+        return (plan.centroids_NH * (std * h**0.5)).float()
+    groups = n // plan.router_group
+    router_GH = torch.empty(groups, h).normal_(
+        0.0, std, generator=seeded_generator(cfg.seed, layer, "router")
+    )
+    return router_GH.repeat_interleave(plan.router_group, dim=0)
+
+
 def moe_layer_tensors(
     plan: LayerPlan,
     ffn: DenseFFN,
     moe: ModelConfig,
     layer: int,
-    seed: int,
-    router_init_std: float,
+    cfg: UpcycleConfig,
     dtype: torch.dtype,
     pool: Executor | None = None,
     num_workers: int = 1,
@@ -178,6 +197,7 @@ def moe_layer_tensors(
     """
     p = f"model.layers.{layer}.mlp."
     h, n, s = moe.hidden_size, moe.num_experts, moe.shared_expert_intermediate_size
+    seed = cfg.seed
     free: queue.SimpleQueue[Workspace] = queue.SimpleQueue()
     for _ in range(num_workers if pool is not None else 1):
         free.put(Workspace(ffn, max(moe.moe_intermediate_size, s)))
@@ -197,11 +217,7 @@ def moe_layer_tensors(
         jobs.append((plan.shared_S, plan.shared_reinit_S, plan.shared_scales, "shared"))
     built = _in_order(build, jobs, pool, ahead=num_workers)
 
-    groups = n // plan.router_group
-    router_GH = torch.empty(groups, h).normal_(
-        0.0, router_init_std, generator=seeded_generator(seed, layer, "router")
-    )
-    yield p + "gate.weight", router_GH.repeat_interleave(plan.router_group, dim=0).to(dtype)
+    yield p + "gate.weight", router_rows(plan, moe, layer, cfg).to(dtype)
     for e in range(n):
         gate, up, down = next(built)
         yield expert_key(layer, e, "gate_proj"), gate
@@ -219,7 +235,7 @@ def moe_layer_tensors(
         shared_gate_1H = torch.zeros(1, h)
     else:
         g = seeded_generator(seed, layer, "shared_gate")
-        shared_gate_1H = torch.empty(1, h).normal_(0.0, router_init_std, generator=g)
+        shared_gate_1H = torch.empty(1, h).normal_(0.0, cfg.router_init_std, generator=g)
     yield p + "shared_expert_gate.weight", shared_gate_1H.to(dtype)
 
 

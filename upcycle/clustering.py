@@ -17,8 +17,9 @@ import torch
 
 def balanced_kmeans(
     x_FD: torch.Tensor, num_clusters: int, generator: torch.Generator, max_iters: int = 30
-) -> torch.Tensor:
-    """Labels int64 [F] in [0, num_clusters), each label used exactly F / num_clusters times.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels int64 [F] in [0, num_clusters), each label used exactly F / num_clusters times, and the
+    centroids float64 [N, D]: the mean of each cluster's normalised points (not themselves unit).
 
     Args:
         x_FD: the points (rows); they are L2-normalised first.
@@ -43,7 +44,7 @@ def balanced_kmeans(
             break
         labels_F = new_labels_F
         centroids_ND = torch.zeros_like(centroids_ND).index_add_(0, labels_F, x_FD) / size
-    return labels_F
+    return labels_F, centroids_ND  # the centroids are always those of the returned labels
 
 
 def _balanced_assign(dist_FN: torch.Tensor, size: int) -> torch.Tensor:

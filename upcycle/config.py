@@ -48,6 +48,15 @@ class SplitGating(str, enum.Enum):
     softmax = "softmax"  # Qwen2-MoE's router as the preset says (norm_topk_prob), scale 1 by default
 
 
+class RouterInit(str, enum.Enum):
+    """The router rows at init (docs/upcycling.md, "Router initialisation")."""
+
+    normal = "normal"  # N(0, router_init_std); tied within granular's virtual groups
+    zeros = "zeros"  # a uniform router: every expert equally likely, top-k ties broken by index
+    # split with clustering: each expert's balanced k-means centroid direction, entries of RMS router_init_std
+    centroids = "centroids"
+
+
 @dataclass(kw_only=True)
 class MoEShape:
     """The MoE fields of the upcycled model; defaults are Qwen1.5-MoE-A2.7B's."""
@@ -154,8 +163,10 @@ class UpcycleConfig:
     """Every random draw (shuffles, re-initialisation, router) is a function of (seed, layer, purpose)."""
     reinit_fraction: float = 0.5
     """finegrained only: fraction of each expert's neurons re-drawn from N(mean, std) of the dense matrix."""
+    router_init: RouterInit = RouterInit.normal
+    """normal | zeros | centroids (split with split_method=clustering only)."""
     router_init_std: float = 0.02
-    """Std of the normal router (and finegrained shared-expert gate) init."""
+    """Std of the normal router (and finegrained shared-expert gate) init; the per-entry RMS of centroid rows."""
     granular_exact: bool = False
     """granular only: scale routed down projections by G instead of the paper's cube root, which makes
     the model compute the dense function at init (needs norm_topk_prob and top-k a multiple of G)."""
@@ -184,6 +195,7 @@ class UpcycleConfig:
             ("strategy", Strategy),
             ("split_method", SplitMethod),
             ("split_gating", SplitGating),
+            ("router_init", RouterInit),
         ):
             try:
                 setattr(self, name, enum_cls(getattr(self, name)))
@@ -196,6 +208,14 @@ class UpcycleConfig:
             raise ValueError(f"upcycle.reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
         if self.router_init_std < 0:
             raise ValueError(f"upcycle.router_init_std must be >= 0, got {self.router_init_std}")
+        if self.router_init is RouterInit.centroids and (
+            self.strategy is not Strategy.split or self.split_method is not SplitMethod.clustering
+        ):
+            raise ValueError(
+                "upcycle.router_init=centroids uses the balanced k-means centroids of upcycle.strategy=split "
+                f"with upcycle.split_method=clustering (got strategy={self.strategy.value}, "
+                f"split_method={self.split_method.value})"
+            )
         if self.split_score_scale is not None and self.split_score_scale <= 0:
             raise ValueError(
                 f"upcycle.split_score_scale must be positive or null, got {self.split_score_scale}"

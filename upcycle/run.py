@@ -124,9 +124,7 @@ def output_tensors(
             with_stats=needs_stats(layer_plan),
             pool=pool,
         )
-        yield from moe_layer_tensors(
-            layer_plan, ffn, moe, i, cfg.seed, cfg.router_init_std, dtype, pool, num_workers
-        )
+        yield from moe_layer_tensors(layer_plan, ffn, moe, i, cfg, dtype, pool, num_workers)
         del ffn
     reader = CheckpointReader(plan.source)
     for key in tail:

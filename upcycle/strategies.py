@@ -27,7 +27,7 @@ import torch
 
 from moe.config import ModelConfig
 from upcycle.clustering import balanced_kmeans
-from upcycle.config import MoEShape, SplitGating, SplitMethod, Strategy, UpcycleConfig
+from upcycle.config import MoEShape, RouterInit, SplitGating, SplitMethod, Strategy, UpcycleConfig
 
 
 def seeded_generator(seed: int, layer: int, *purpose: object) -> torch.Generator:
@@ -61,6 +61,8 @@ class LayerPlan:
     shared_scales: Scales = Scales()
     router_group: int = 1
     """Router rows are identical within each block of this many consecutive experts."""
+    centroids_NH: torch.Tensor | None = None
+    """float64 [N, H]: each expert's unit centroid direction (split with clustering), for router_init=centroids."""
     shared_gate_zero: bool = False
     """shared_expert_gate.weight = 0 (sigmoid 1/2) instead of a random normal row."""
 
@@ -192,6 +194,7 @@ class Split(UpcycleStrategy):
     def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
         n, m, f = moe.num_experts, moe.moe_intermediate_size, dense.intermediate_size
         method = SplitMethod(cfg.split_method)
+        centroids = None
         if method is SplitMethod.contiguous:
             routed = torch.arange(f).view(n, m)
         elif method is SplitMethod.random:
@@ -199,14 +202,16 @@ class Split(UpcycleStrategy):
         else:
             if up_FH is None:
                 raise ValueError("split_method=clustering needs the dense up_proj weights")
-            labels_F = balanced_kmeans(up_FH, n, seeded_generator(cfg.seed, layer, "kmeans"))
+            labels_F, centroids_NH = balanced_kmeans(up_FH, n, seeded_generator(cfg.seed, layer, "kmeans"))
             routed = torch.stack([(labels_F == e).nonzero().squeeze(1) for e in range(n)])
+            centroids = centroids_NH / centroids_NH.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return LayerPlan(
             routed_NM=routed,
             shared_S=torch.empty(0, dtype=torch.long),
             reinit_NM=_no_reinit(n, m),
             shared_reinit_S=torch.zeros(0, dtype=torch.bool),
             routed_scales=Scales(down=self.score_scale(moe, cfg)),
+            centroids_NH=centroids,
         )
 
 
@@ -330,6 +335,12 @@ class Granular(UpcycleStrategy):
                 raise ValueError(
                     f"upcycle.granular_exact=true needs moe.num_experts_per_tok={moe.num_experts_per_tok} to be "
                     f"a multiple of G = {g} (top-k must select whole virtual groups)"
+                )
+            if RouterInit(cfg.router_init) is RouterInit.zeros or cfg.router_init_std == 0:
+                raise ValueError(
+                    "upcycle.granular_exact=true needs router rows that differ between virtual groups: "
+                    "router_init=zeros (or router_init_std=0) ties every group, and top-k then picks "
+                    "experts by index, not whole groups; use router_init=normal with router_init_std > 0"
                 )
 
     def activation_scale(self, moe: ModelConfig, dense: ModelConfig) -> float:

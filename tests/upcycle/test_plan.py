@@ -210,6 +210,12 @@ def test_bad_moe_shapes_name_the_field(fields, message):
             dict(granular_exact=True),
             "moe.num_experts_per_tok=6 to be a multiple of G = 4",
         ),
+        (
+            "granular",
+            dict(shared_expert_intermediate_size=0, norm_topk_prob=True),
+            dict(granular_exact=True, router_init="zeros"),
+            "needs router rows that differ between virtual groups",
+        ),
     ],
 )
 def test_unrealisable_shapes_name_the_fields_and_rule(strategy, fields, recipe, message):
@@ -224,6 +230,12 @@ def test_unrealisable_shapes_name_the_fields_and_rule(strategy, fields, recipe, 
         (dict(split_method="kmeans"), "upcycle.split_method='kmeans' is unknown"),
         (dict(reinit_fraction=1.5), r"upcycle.reinit_fraction must be in \[0, 1\]"),
         (dict(router_init_std=-1.0), "upcycle.router_init_std must be >= 0"),
+        (dict(router_init="orthogonal"), "upcycle.router_init='orthogonal' is unknown"),
+        (
+            dict(strategy="split", router_init="centroids"),
+            "router_init=centroids uses the balanced k-means centroids of upcycle.strategy=split with "
+            "upcycle.split_method=clustering",
+        ),
         (dict(dtype="int8"), "upcycle.dtype='int8' is unknown"),
         (dict(max_shard_bytes=0), "upcycle.max_shard_bytes must be positive"),
         (dict(split_score_scale=0.0), "upcycle.split_score_scale must be positive"),

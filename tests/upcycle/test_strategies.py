@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moe.hf import read_config
-from tests.upcycle.fixtures import FFN, MLP_STATS, experts, make_dense, report, tensors
+from tests.upcycle.fixtures import FFN, HIDDEN, MLP_STATS, experts, make_dense, report, tensors
 from upcycle import MoEShape, UpcycleConfig, plan_config, upcycle
 from upcycle.clustering import balanced_kmeans
 from upcycle.strategies import get_strategy, seeded_generator
@@ -166,8 +166,11 @@ def test_balanced_kmeans_recovers_planted_clusters():
     centers = torch.randn(6, 32, generator=g)
     truth = torch.randperm(48, generator=g) % 6  # 8 points per cluster
     points = centers[truth] + 0.05 * torch.randn(48, 32, generator=g)
-    labels = balanced_kmeans(points, 6, seeded_generator(0, 0, "kmeans"))
+    labels, centroids = balanced_kmeans(points, 6, seeded_generator(0, 0, "kmeans"))
     assert torch.bincount(labels).tolist() == [8] * 6
+    unit = points.double() / points.double().norm(dim=1, keepdim=True)
+    for c in range(6):
+        torch.testing.assert_close(centroids[c], unit[labels == c].mean(0))
     for c in range(6):  # the same partition up to renaming the clusters
         assert labels[truth == c].unique().numel() == 1
 
@@ -177,3 +180,68 @@ def test_seeded_generators_are_independent_streams():
     assert torch.equal(a, torch.randn(4, generator=seeded_generator(0, 3, "router")))
     for other in ((1, 3, "router"), (0, 4, "router"), (0, 3, "replica", 0)):
         assert not torch.equal(a, torch.randn(4, generator=seeded_generator(*other)))
+
+
+def test_centroid_router_rows_are_unit_centroid_directions_times_the_std(tmp_path):
+    """Row e = std x sqrt(H) x (mean of expert e's L2-normalised up_proj rows, normalised): the k-means
+    centroid's direction with entries of RMS router_init_std, like a normal row's."""
+    make_dense(tmp_path / "dense")
+    cfg = UpcycleConfig(
+        strategy="split",
+        split_method="clustering",
+        router_init="centroids",
+        router_init_std=0.05,
+        progress=False,
+    )
+    upcycle(tmp_path / "dense", tmp_path / "moe", SPLIT6, cfg)
+    for layer in range(2):
+        router = tensors(tmp_path / "moe", f"model.layers.{layer}.mlp.gate.")[
+            f"model.layers.{layer}.mlp.gate.weight"
+        ]
+        for e, (_, up, _) in enumerate(experts(tmp_path / "moe", layer, 6)):
+            unit = up.double() / up.double().norm(dim=1, keepdim=True)
+            direction = unit.mean(0) / unit.mean(0).norm()
+            torch.testing.assert_close(
+                router[e].double(), 0.05 * HIDDEN**0.5 * direction, rtol=1e-5, atol=1e-7
+            )
+        assert router.pow(2).mean().sqrt() == pytest.approx(0.05)
+        assert not torch.allclose(router[0], router[1])
+
+
+@pytest.mark.parametrize("strategy, shape", [("split", SPLIT6), ("finegrained", FINE)])
+def test_zero_router_is_uniform(strategy, shape, tmp_path):
+    """Zero rows: every expert equally likely (maximal entropy ln N), all tokens tie on the same top-k."""
+    make_dense(tmp_path / "dense")
+    upcycle(
+        tmp_path / "dense",
+        tmp_path / "moe",
+        shape,
+        UpcycleConfig(strategy=strategy, router_init="zeros", progress=False),
+    )
+    n, k = shape.num_experts, shape.num_experts_per_tok
+    for layer in range(2):
+        key = f"model.layers.{layer}.mlp.gate.weight"
+        assert not tensors(tmp_path / "moe", key)[key].any()
+    for stats in report(tmp_path / "moe")["init_distance"]["layers"]:
+        assert stats["router_entropy"] == pytest.approx(math.log(n), rel=1e-6)  # fp32 softmax
+        assert stats["max_load_ratio"] == pytest.approx(n / k)
+        assert stats["dead_experts"] == pytest.approx((n - k) / n)
+
+
+def test_granular_router_groups_hold_for_every_router_init(tmp_path):
+    make_dense(tmp_path / "dense")
+    shape = MoEShape(
+        num_experts=8, num_experts_per_tok=4, moe_intermediate_size=24, shared_expert_intermediate_size=0
+    )
+    for init in ("normal", "zeros"):
+        out = tmp_path / init
+        upcycle(
+            tmp_path / "dense",
+            out,
+            shape,
+            UpcycleConfig(strategy="granular", router_init=init, progress=False),
+        )
+        router = tensors(out, "model.layers.0.mlp.gate.")["model.layers.0.mlp.gate.weight"]
+        for e in range(8):
+            assert torch.equal(router[e], router[(e // 4) * 4])
+        assert init == "zeros" or not torch.equal(router[0], router[4])

@@ -77,9 +77,9 @@ class Trainer:
             OmegaConf.structured(cfg), resolve=True, enum_to_str=True
         )
         expected = cfg.model_config()
-        ckpt = checkpoint.resolve_resume(cfg.checkpoint.resume, self.run_dir)
-        if ckpt is not None:  # another architecture is refused now, by name
-            self._resume_changes(ckpt, asdict(expected), world)
+        found = checkpoint.candidates(cfg.checkpoint.resume, self.run_dir)  # quiet: restore() reports
+        if found:  # another architecture is refused now, by name
+            self._resume_changes(found[0], asdict(expected), world)
         if int(os.environ.get("RANK", "0")) == 0:
             for warning in cfg.warnings(expected):
                 print(f"warning: {warning}", file=sys.stderr)

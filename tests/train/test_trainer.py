@@ -114,16 +114,28 @@ def test_eval_at_start_scores_the_initial_model_on_the_same_batches(tmp_path):
     assert abs(evals[0] - rows[1]["train/ce_loss"]) > 1e-4  # held-out batches, not the training batch
 
 
-def test_two_ranks_through_launcher_equal_one_rank_with_accumulation(tmp_path):
-    """deepspeed launcher, 2 ranks, ep_size=2 == 1 rank with grad_accum=2 (CE + z-loss: grouping-free)."""
-    common = ["max_steps=4", "model.router_aux_loss_coef=0.0", "schedule=constant"]
+@pytest.mark.parametrize(
+    ("scope", "one_rank"),
+    [
+        ("sequence", ["deepspeed.grad_accum=2"]),  # per-sequence balance: grouping-free
+        ("global_batch", ["deepspeed.micro_batch_size=4"]),  # counts over the whole step's batch
+    ],
+)
+def test_two_ranks_through_launcher_equal_one_rank(tmp_path, scope, one_rank):
+    """The trainer users run: deepspeed launcher, 2 ranks, ep_size=2, with the aux and z losses on,
+    equals 1 rank over the same global batch. (The loader interleaves samples over ranks, so 1 rank
+    with grad_accum=2 groups them differently: only a grouping-free balance scope can match it.)"""
+    common = ["max_steps=4", "schedule=constant", f"moe.balance_scope={scope}"]
+    common += ["model.router_aux_loss_coef=0.05", "model.router_z_loss_coef=0.01"]
     one, two = tmp_path / "one", tmp_path / "two"
-    train(one, *common, "deepspeed.grad_accum=2")
+    train(one, *common, *one_rank)
     train(two, *common, "parallel=ep2", procs=2)
     a, b = metrics(one), metrics(two)
+    assert len(a) == len(b) == 4
     for x, y in zip(a, b):
-        assert y["train/loss"] == pytest.approx(x["train/loss"], rel=1e-5)
-        assert y["train/grad_norm"] == pytest.approx(x["train/grad_norm"], rel=1e-5)
+        assert y["train/aux_loss"] > 0 and y["train/z_loss"] > 0
+        for key in ("train/loss", "train/aux_loss", "train/z_loss", "train/grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5), key
         assert y["train/tokens_seen"] == x["train/tokens_seen"]
 
 

@@ -3,6 +3,7 @@
 from upcycle.config import (
     CalibrationConfig,
     MoEShape,
+    ReinitIndices,
     RouterInit,
     SplitGating,
     SplitMethod,
@@ -15,6 +16,7 @@ from upcycle.run import upcycle
 __all__ = [
     "CalibrationConfig",
     "MoEShape",
+    "ReinitIndices",
     "RouterInit",
     "SplitGating",
     "SplitMethod",

@@ -107,30 +107,32 @@ def build_neurons(
     ffn: DenseFFN,
     ws: Workspace,
     idx_M: torch.Tensor,
-    reinit_M: torch.Tensor,
+    reinit_PM: torch.Tensor,
     scales: Scales,
     g: torch.Generator,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gate [m, H], up [m, H], down [H, m] of one expert, as new tensors in `dtype`.
 
-    Slot i copies dense neuron idx_M[i]; a re-initialised slot gets fresh gate/up rows and down
-    column; a new slot (idx -1) gets fresh gate/up rows and a zero down column (no output at init).
-    Draws are fp32 N(mean, std) of the dense matrix, in the order gate, up, down.
+    Slot i copies dense neuron idx_M[i]; slot i of matrix p is re-drawn where reinit_PM[p, i] (p:
+    gate rows, up rows, down columns); a new slot (idx -1) gets fresh gate/up rows and a zero down
+    column (no output at init). Draws are fp32 N(mean, std) of the dense matrix, in the order gate,
+    up, down.
     """
     m, h = idx_M.numel(), ffn.hidden
     new_M = idx_M < 0
     src_M = idx_M.clamp(min=0)
-    fresh = (reinit_M | new_M).nonzero().squeeze(1)
-    redrawn = reinit_M.nonzero().squeeze(1)
     out = []
-    for name, dense_FH, scale in (
-        ("gate", ffn.gate_FH, scales.gate),
-        ("up", ffn.up_FH, scales.up),
-        ("down", ffn.down_FH, scales.down),
+    for p, (name, dense_FH, scale) in enumerate(
+        (
+            ("gate", ffn.gate_FH, scales.gate),
+            ("up", ffn.up_FH, scales.up),
+            ("down", ffn.down_FH, scales.down),
+        )
     ):
         rows_MH = torch.index_select(dense_FH, 0, src_M, out=ws.rows[name][:m])
-        drawn = redrawn if name == "down" else fresh
+        # a new neuron's gate and up rows are drawn; its down column is zero (set below)
+        drawn = (reinit_PM[p] if name == "down" else reinit_PM[p] | new_M).nonzero().squeeze(1)
         if drawn.numel():
             noise = ws.noise[: drawn.numel()].normal_(*ffn.stats[name], generator=g)
             rows_MH.index_copy_(0, drawn, ws.noise_cast[: drawn.numel()].copy_(noise))
@@ -154,8 +156,8 @@ def work_dtype(plan: LayerPlan, dtype: torch.dtype) -> torch.dtype:
 def needs_stats(plan: LayerPlan) -> bool:
     """Whether any slot is re-drawn or new (and so needs the dense matrices' statistics)."""
     return bool(
-        plan.reinit_NM.any()
-        or plan.shared_reinit_S.any()
+        plan.reinit_PNM.any()
+        or plan.shared_reinit_PS.any()
         or (plan.routed_NM < 0).any()
         or (plan.shared_S < 0).any()
     )
@@ -202,19 +204,19 @@ def moe_layer_tensors(
     for _ in range(num_workers if pool is not None else 1):
         free.put(Workspace(ffn, max(moe.moe_intermediate_size, s)))
 
-    def build(idx_M, reinit_M, scales, which) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def build(idx_M, reinit_PM, scales, which) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ws = free.get()
         try:
             g = seeded_generator(seed, layer, "neurons", which)
-            return build_neurons(ffn, ws, idx_M, reinit_M, scales, g, dtype)
+            return build_neurons(ffn, ws, idx_M, reinit_PM, scales, g, dtype)
         finally:
             free.put(ws)
 
     jobs: list[tuple[torch.Tensor, torch.Tensor, Scales, int | str]] = [
-        (plan.routed_NM[e], plan.reinit_NM[e], plan.routed_scales, e) for e in range(n)
+        (plan.routed_NM[e], plan.reinit_PNM[:, e], plan.routed_scales, e) for e in range(n)
     ]
     if s:
-        jobs.append((plan.shared_S, plan.shared_reinit_S, plan.shared_scales, "shared"))
+        jobs.append((plan.shared_S, plan.shared_reinit_PS, plan.shared_scales, "shared"))
     built = _in_order(build, jobs, pool, ahead=num_workers)
 
     yield p + "gate.weight", router_rows(plan, moe, layer, cfg).to(dtype)

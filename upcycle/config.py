@@ -48,6 +48,13 @@ class SplitGating(str, enum.Enum):
     softmax = "softmax"  # Qwen2-MoE's router as the preset says (norm_topk_prob), scale 1 by default
 
 
+class ReinitIndices(str, enum.Enum):
+    """Which slots a re-initialisation re-draws in each of an expert's three matrices."""
+
+    shared = "shared"  # the same neurons in gate, up and down (whole neurons; Drop-Upcycling's paper)
+    per_matrix = "per_matrix"  # an independent draw per matrix (Drop-Upcycling's released code)
+
+
 class RouterInit(str, enum.Enum):
     """The router rows at init (docs/upcycling.md, "Router initialisation")."""
 
@@ -161,8 +168,11 @@ class UpcycleConfig:
     """split only: random | contiguous | clustering."""
     seed: int = 0
     """Every random draw (shuffles, re-initialisation, router) is a function of (seed, layer, purpose)."""
-    reinit_fraction: float = 0.5
-    """finegrained only: fraction of each expert's neurons re-drawn from N(mean, std) of the dense matrix."""
+    reinit_fraction: float | None = None
+    """copy and finegrained: fraction of each expert's neurons re-drawn from N(mean, std) of the dense
+    matrix (Drop-Upcycling); null: 0.5 for finegrained (the Qwen2 report's 50%), 0 for copy."""
+    reinit_indices: ReinitIndices = ReinitIndices.shared
+    """shared (the same neurons in gate, up and down) | per_matrix (independent draws per matrix)."""
     router_init: RouterInit = RouterInit.normal
     """normal | zeros | centroids (split with split_method=clustering only)."""
     router_init_std: float = 0.02
@@ -196,6 +206,7 @@ class UpcycleConfig:
             ("split_method", SplitMethod),
             ("split_gating", SplitGating),
             ("router_init", RouterInit),
+            ("reinit_indices", ReinitIndices),
         ):
             try:
                 setattr(self, name, enum_cls(getattr(self, name)))
@@ -204,8 +215,14 @@ class UpcycleConfig:
                 raise ValueError(
                     f"upcycle.{name}={getattr(self, name)!r} is unknown; choose one of {choices}"
                 ) from None
-        if not 0.0 <= self.reinit_fraction <= 1.0:
-            raise ValueError(f"upcycle.reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
+        if self.reinit_fraction is not None:
+            if not 0.0 <= self.reinit_fraction <= 1.0:
+                raise ValueError(f"upcycle.reinit_fraction must be in [0, 1], got {self.reinit_fraction}")
+            if self.strategy not in (Strategy.copy, Strategy.finegrained):
+                raise ValueError(
+                    f"upcycle.reinit_fraction is used by strategies copy and finegrained, not {self.strategy.value}"
+                    " (set it to null)"
+                )
         if self.router_init_std < 0:
             raise ValueError(f"upcycle.router_init_std must be >= 0, got {self.router_init_std}")
         if self.router_init is RouterInit.centroids and (
@@ -231,6 +248,13 @@ class UpcycleConfig:
                     f"upcycle.dtype={self.dtype!r} is unknown; choose source, float32, bfloat16 or float16"
                 ) from None
         return self
+
+    @property
+    def reinit(self) -> float:
+        """`reinit_fraction`, or the strategy's default: 0.5 for finegrained, else 0."""
+        if self.reinit_fraction is not None:
+            return float(self.reinit_fraction)
+        return 0.5 if Strategy(self.strategy) is Strategy.finegrained else 0.0
 
     def replace(self, **changes: Any) -> UpcycleConfig:
         return dataclasses.replace(self, **changes)

@@ -27,7 +27,15 @@ import torch
 
 from moe.config import ModelConfig
 from upcycle.clustering import balanced_kmeans
-from upcycle.config import MoEShape, RouterInit, SplitGating, SplitMethod, Strategy, UpcycleConfig
+from upcycle.config import (
+    MoEShape,
+    ReinitIndices,
+    RouterInit,
+    SplitGating,
+    SplitMethod,
+    Strategy,
+    UpcycleConfig,
+)
 
 
 def seeded_generator(seed: int, layer: int, *purpose: object) -> torch.Generator:
@@ -53,10 +61,11 @@ class LayerPlan:
     """int64 [N, m]: dense neuron copied into each routed slot; -1 = new neuron."""
     shared_S: torch.Tensor
     """int64 [S]: dense neuron copied into each shared-expert slot; -1 = new neuron."""
-    reinit_NM: torch.Tensor
-    """bool [N, m]: slot re-drawn from N(mean, std) of the dense matrices (gate/up rows, down column)."""
-    shared_reinit_S: torch.Tensor
-    """bool [S]: the same for the shared expert."""
+    reinit_PNM: torch.Tensor
+    """bool [3, N, m]: slot re-drawn from N(mean, std) of the dense matrix, per matrix P (gate rows,
+    up rows, down columns); the three are equal with reinit_indices=shared."""
+    shared_reinit_PS: torch.Tensor
+    """bool [3, S]: the same for the shared expert."""
     routed_scales: Scales = Scales()
     shared_scales: Scales = Scales()
     router_group: int = 1
@@ -67,15 +76,35 @@ class LayerPlan:
     """shared_expert_gate.weight = 0 (sigmoid 1/2) instead of a random normal row."""
 
     def neuron_counts(self, dense_width: int, include_reinit: bool = False) -> torch.Tensor:
-        """int64 [F]: how many slots (routed and shared) copy each dense neuron."""
+        """int64 [F]: how many slots (routed and shared) copy each dense neuron (in all three matrices,
+        unless `include_reinit`)."""
         idx = torch.cat([self.routed_NM.flatten(), self.shared_S])
-        keep = torch.cat([self.reinit_NM.flatten(), self.shared_reinit_S]).logical_not() | include_reinit
-        idx = idx[keep & (idx >= 0)]
+        redrawn = torch.cat([self.reinit_PNM.any(0).flatten(), self.shared_reinit_PS.any(0)])
+        idx = idx[(redrawn.logical_not() | include_reinit) & (idx >= 0)]
         return torch.bincount(idx, minlength=dense_width)
 
 
 def _no_reinit(n: int, m: int) -> torch.Tensor:
-    return torch.zeros(n, m, dtype=torch.bool)
+    return torch.zeros(3, n, m, dtype=torch.bool)
+
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def reinit_masks(width: int, num: int, cfg: UpcycleConfig, layer: int, *who: object) -> torch.Tensor:
+    """bool [3, len(who), width]: round(reinit x width) slots re-drawn in each of expert who[i]'s
+    matrices, the same slots in all three (shared) or an independent draw per matrix (per_matrix)."""
+    masks = torch.zeros(3, len(who), width, dtype=torch.bool)
+    for i, w in enumerate(who):
+        if ReinitIndices(cfg.reinit_indices) is ReinitIndices.shared:
+            masks[
+                :, i, torch.randperm(width, generator=seeded_generator(cfg.seed, layer, "reinit", w))[:num]
+            ] = True
+        else:
+            for p, proj in enumerate(PROJECTIONS):
+                g = seeded_generator(cfg.seed, layer, "reinit", w, proj)
+                masks[p, i, torch.randperm(width, generator=g)[:num]] = True
+    return masks
 
 
 class UpcycleStrategy:
@@ -107,11 +136,15 @@ class UpcycleStrategy:
 
 
 class Copy(UpcycleStrategy):
-    """Sparse upcycling (Komatsuzaki et al. 2022; Mixtral-style).
+    """Sparse upcycling (Komatsuzaki et al. 2022; Mixtral-style), and Drop-Upcycling (Nakamura et al. 2025).
 
     Every routed expert is the whole dense FFN: E_e = FFN for all e, no shared expert, random router,
     top-k weights renormalised. Then y = sum_{k in topK} w_k E_k(x) = (sum_k w_k) FFN(x) = FFN(x):
     the model computes exactly the dense function at init, whatever the router.
+    With reinit_fraction r > 0 (Drop-Upcycling; its main setting is r = 0.5 on coarse experts),
+    round(r F) slots of every expert are re-drawn from N(mean, std) of the dense matrix, chosen per
+    expert (reinit_indices: the same neurons in the three matrices, or per matrix): the experts
+    differ from the start and the model is no longer exact.
     Forces moe_intermediate_size = F, shared_expert_intermediate_size = 0, norm_topk_prob = true.
     """
 
@@ -125,15 +158,19 @@ class Copy(UpcycleStrategy):
         }
 
     def summary(self, moe: ModelConfig, dense: ModelConfig, cfg: UpcycleConfig) -> dict[str, Any]:
-        return {"copies_of_dense_ffn": moe.num_experts, "exact_at_init": True}
+        k = _num_reinit(cfg.reinit, dense.intermediate_size)
+        out: dict[str, Any] = {"copies_of_dense_ffn": moe.num_experts, "exact_at_init": k == 0}
+        if k:
+            out |= {"reinit_per_expert": k, "reinit_indices": cfg.reinit_indices.value}
+        return out
 
     def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
         n, f = moe.num_experts, dense.intermediate_size
         return LayerPlan(
             routed_NM=torch.arange(f).expand(n, f).clone(),
             shared_S=torch.empty(0, dtype=torch.long),
-            reinit_NM=_no_reinit(n, f),
-            shared_reinit_S=torch.zeros(0, dtype=torch.bool),
+            reinit_PNM=reinit_masks(f, _num_reinit(cfg.reinit, f), cfg, layer, *range(n)),
+            shared_reinit_PS=torch.zeros(3, 0, dtype=torch.bool),
         )
 
 
@@ -208,8 +245,8 @@ class Split(UpcycleStrategy):
         return LayerPlan(
             routed_NM=routed,
             shared_S=torch.empty(0, dtype=torch.long),
-            reinit_NM=_no_reinit(n, m),
-            shared_reinit_S=torch.zeros(0, dtype=torch.bool),
+            reinit_PNM=_no_reinit(n, m),
+            shared_reinit_PS=torch.zeros(3, 0, dtype=torch.bool),
             routed_scales=Scales(down=self.score_scale(moe, cfg)),
             centroids_NH=centroids,
         )
@@ -225,8 +262,9 @@ class FineGrained(UpcycleStrategy):
     dense neurons, no neuron appears twice within a replica, and each appears at most r times.
     Then round(reinit_fraction x m) slots of every routed expert (and of the shared expert) are chosen
     at random and re-drawn: gate row ~ N(mean(W_g), std(W_g)), up row ~ N(mean(W_u), std(W_u)), down
-    column ~ N(mean(W_d), std(W_d)), with the statistics of the whole dense matrix of that layer. The
-    report says "randomly reinitialize 50% of the parameters" without the distribution; this is
+    column ~ N(mean(W_d), std(W_d)), with the statistics of the whole dense matrix of that layer; the
+    same slots in the three matrices, or (reinit_indices=per_matrix) a draw per matrix. The report
+    says "randomly reinitialize 50% of the parameters" without the distribution; this is
     Drop-Upcycling's scheme (Nakamura et al. 2025). Router and shared-expert gate: N(0, router_init_std).
     """
 
@@ -245,8 +283,9 @@ class FineGrained(UpcycleStrategy):
             "pool_neurons": r * dense.intermediate_size,
             "used_neurons": used,
             "discarded_neurons": r * dense.intermediate_size - used,
-            "reinit_per_expert": _num_reinit(cfg.reinit_fraction, moe.moe_intermediate_size),
-            "reinit_shared": _num_reinit(cfg.reinit_fraction, moe.shared_expert_intermediate_size),
+            "reinit_per_expert": _num_reinit(cfg.reinit, moe.moe_intermediate_size),
+            "reinit_shared": _num_reinit(cfg.reinit, moe.shared_expert_intermediate_size),
+            "reinit_indices": cfg.reinit_indices.value,
         }
 
     def plan_layer(self, layer, moe, dense, cfg, up_FH=None) -> LayerPlan:
@@ -262,19 +301,11 @@ class FineGrained(UpcycleStrategy):
                 for i in range(self.num_replicas(moe, dense))
             ]
         )
-        k = _num_reinit(cfg.reinit_fraction, m)
-        reinit = torch.zeros(n, m, dtype=torch.bool)
-        for e in range(n):
-            reinit[e, torch.randperm(m, generator=seeded_generator(cfg.seed, layer, "reinit", e))[:k]] = True
-        shared_reinit = torch.zeros(s, dtype=torch.bool)
-        if s:
-            g = seeded_generator(cfg.seed, layer, "reinit", "shared")
-            shared_reinit[torch.randperm(s, generator=g)[: _num_reinit(cfg.reinit_fraction, s)]] = True
         return LayerPlan(
             routed_NM=pool[: n * m].view(n, m).clone(),
             shared_S=pool[n * m : n * m + s].clone(),
-            reinit_NM=reinit,
-            shared_reinit_S=shared_reinit,
+            reinit_PNM=reinit_masks(m, _num_reinit(cfg.reinit, m), cfg, layer, *range(n)),
+            shared_reinit_PS=reinit_masks(s, _num_reinit(cfg.reinit, s), cfg, layer, "shared")[:, 0],
         )
 
 
@@ -391,8 +422,8 @@ class Granular(UpcycleStrategy):
         return LayerPlan(
             routed_NM=routed,
             shared_S=torch.arange(s),
-            reinit_NM=_no_reinit(n, m),
-            shared_reinit_S=torch.zeros(s, dtype=torch.bool),
+            reinit_PNM=_no_reinit(n, m),
+            shared_reinit_PS=torch.zeros(3, s, dtype=torch.bool),
             routed_scales=scales,
             shared_scales=Scales(down=2.0),
             router_group=g,

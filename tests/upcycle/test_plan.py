@@ -231,6 +231,11 @@ def test_unrealisable_shapes_name_the_fields_and_rule(strategy, fields, recipe, 
         (dict(reinit_fraction=1.5), r"upcycle.reinit_fraction must be in \[0, 1\]"),
         (dict(router_init_std=-1.0), "upcycle.router_init_std must be >= 0"),
         (dict(router_init="orthogonal"), "upcycle.router_init='orthogonal' is unknown"),
+        (dict(reinit_indices="per_row"), "upcycle.reinit_indices='per_row' is unknown"),
+        (
+            dict(strategy="granular", reinit_fraction=0.5),
+            "upcycle.reinit_fraction is used by strategies copy and finegrained, not granular",
+        ),
         (
             dict(strategy="split", router_init="centroids"),
             "router_init=centroids uses the balanced k-means centroids of upcycle.strategy=split with "

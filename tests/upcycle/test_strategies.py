@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from moe.config import ModelConfig
 from moe.hf import read_config
 from tests.upcycle.fixtures import FFN, HIDDEN, MLP_STATS, experts, make_dense, report, tensors
 from upcycle import MoEShape, UpcycleConfig, plan_config, upcycle
@@ -245,3 +246,47 @@ def test_granular_router_groups_hold_for_every_router_init(tmp_path):
         for e in range(8):
             assert torch.equal(router[e], router[(e // 4) * 4])
         assert init == "zeros" or not torch.equal(router[0], router[4])
+
+
+@pytest.mark.parametrize("indices", ["shared", "per_matrix"])
+def test_copy_with_drop_upcycling(indices, tmp_path):
+    """Drop-Upcycling on coarse experts: half of each copy's neurons re-drawn. `shared` re-draws the same
+    neurons in gate, up and down (whole neurons); `per_matrix` draws each matrix's slots independently."""
+    make_dense(tmp_path / "dense")
+    cfg = UpcycleConfig(strategy="copy", reinit_fraction=0.5, reinit_indices=indices, progress=False)
+    upcycle(tmp_path / "dense", tmp_path / "moe", MoEShape(num_experts=4, num_experts_per_tok=2), cfg)
+    rep = report(tmp_path / "moe")
+    assert rep["plan"]["strategy_plan"] == {
+        "copies_of_dense_ffn": 4,
+        "exact_at_init": False,
+        "reinit_per_expert": 48,
+        "reinit_indices": indices,
+    }
+    assert min(layer["ffn_relative_error"] for layer in rep["init_distance"]["layers"]) > 0.1
+    seen = []
+    for layer in range(2):
+        dense = _dense_mlp(tmp_path / "dense", layer)
+        for gate, up, down in experts(tmp_path / "moe", layer, 4):  # slot j of a copy is dense neuron j
+            drawn = [
+                (gate != dense["gate"]).any(1),
+                (up != dense["up"]).any(1),
+                (down != dense["down"]).any(0),
+            ]
+            assert [int(d.sum()) for d in drawn] == [48, 48, 48]
+            same = torch.equal(drawn[0], drawn[1]) and torch.equal(drawn[1], drawn[2])
+            assert same == (indices == "shared")
+            seen.append(drawn[0])
+    assert not torch.equal(seen[0], seen[1])  # each expert draws its own neurons
+
+
+@pytest.mark.parametrize("indices", ["shared", "per_matrix"])
+def test_finegrained_reinit_indices_in_the_plan(indices):
+    dense_cfg = ModelConfig(num_experts=0, hidden_size=64, intermediate_size=96)
+    cfg = UpcycleConfig(reinit_indices=indices).validate()
+    moe_cfg, _ = plan_config(dense_cfg, FINE, cfg)
+    plan = get_strategy("finegrained").plan_layer(0, moe_cfg, dense_cfg, cfg)
+    assert plan.reinit_PNM.shape == (3, 10, 16) and plan.shared_reinit_PS.shape == (3, 32)
+    assert plan.reinit_PNM.sum(-1).eq(8).all() and plan.shared_reinit_PS.sum(-1).eq(16).all()
+    for masks in (plan.reinit_PNM, plan.shared_reinit_PS):
+        equal = torch.equal(masks[0], masks[1]) and torch.equal(masks[1], masks[2])
+        assert equal == (indices == "shared")

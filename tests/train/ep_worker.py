@@ -6,12 +6,13 @@ micro-batch a holds sequences r*mb*ga + a*mb ... of it. Writes, from rank 0, per
 gradient norms, every micro-batch's expert counts (summed over ranks), and, unless --no-grads, the
 full gradient of every parameter before the update (experts gathered to global ids).
 
-    python -m tests.train.ep_worker OUT.pt --ep 2 --zero 1 --ga 1 --mb 2 [--experts 4] [--bf16] ...
+    python -m tests.train.ep_worker OUT.pt NAME="--ep 2 --zero 1 --ga 1 --mb 2 [--bf16 ...]" [NAME=...]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.distributed as dist
@@ -70,9 +71,9 @@ def set_skew(routers, step: int, half: int) -> None:
             r.selection_bias[:2] = 10.0
 
 
-def parse() -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
+    """One run's options (a launch may run several: see `main`)."""
     p = argparse.ArgumentParser()
-    p.add_argument("out")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--ga", type=int, default=1)
@@ -93,12 +94,25 @@ def parse() -> argparse.Namespace:
         help="record, per parameter, how far the accumulated and reduced gradient is from the exact sum "
         "of every micro-batch's own (bf16) gradient",
     )
-    return p.parse_args()
+    return p
 
 
 def main() -> None:
-    args = parse()
+    """`OUT.pt NAME=ARGS [NAME=ARGS ...]`: each run in turn, in this one launch (new model and engine
+    each, the process group shared), saving {name: record}. One launch per layout saves the
+    interpreter and DeepSpeed start-up of every further run."""
+    out, *specs = sys.argv[1:]
     comm = Comm.init("cpu")
+    records = {}
+    for spec in specs:
+        name, _, args = spec.partition("=")
+        records[name] = train(parser().parse_args(args.split()), comm)
+    if comm.rank == 0:
+        torch.save(records, out)
+    comm.barrier()
+
+
+def train(args: argparse.Namespace, comm: Comm) -> dict:
     rank, world = comm.rank, comm.world
     torch.manual_seed(0)
     model = Qwen2MoEForCausalLM(tiny_moe(args.experts))
@@ -159,9 +173,7 @@ def main() -> None:
     ds.link_optimizer_state(eng)
     moment = safe_get_full_optimizer_state(model.model.layers[0].mlp.experts.gate_up_proj, "exp_avg")
     record["dtypes"]["adam_moment"] = str(moment.dtype) if moment is not None else "none"
-    if rank == 0:
-        torch.save(record, args.out)
-    comm.barrier()
+    return record
 
 
 def _dtypes(model, eng, out) -> dict[str, str]:

@@ -25,21 +25,55 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def run_worker(tmp: Path, name: str, procs: int, *args: str) -> dict:
-    out = tmp / f"{name}.pt"
+def run_worker(tmp: Path, procs: int, **runs: str) -> dict[str, dict]:
+    """One launch of `procs` processes running each named run (worker arguments) in turn."""
+    out = tmp / "records.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     port = free_port()
-    worker = ["tests.train.ep_worker", str(out), *args]
+    worker = ["tests.train.ep_worker", str(out), *(f"{name}={args}" for name, args in runs.items())]
     if procs == 1:
         cmd = [sys.executable, "-m", *worker]
     else:
         launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port", str(port)]
         cmd = [sys.executable, *launcher, "--no_local_rank", "--module", *worker]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     # DeepSpeed's CPU shared-memory workspace must not outlive the run (train.engine unlinks it)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The references: each layout's global batch in one process, by gradient accumulation."""
+    return run_worker(
+        tmp_path_factory.mktemp("one"),
+        1,
+        single="--ga 2 --mb 2",
+        single_global="--mb 4 --scope global_batch --no-half-skew",  # mb=4 spans both halves
+        single8="--experts 8 --ga 4 --mb 1",
+    )
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    return run_worker(
+        tmp_path_factory.mktemp("two"),
+        2,
+        ep2_z1="--ep 2 --zero 1 --mb 2",
+        ep2_z2="--ep 2 --zero 2 --mb 2",
+        ep1_z1="--ep 1 --zero 1 --mb 2",
+        ep2_z0="--ep 2 --zero 0 --mb 2",
+        two_global="--ep 2 --mb 2 --scope global_batch --no-half-skew",
+        ga_global="--ep 2 --ga 2 --mb 1 --scope global_batch --steps 1",
+    )
+
+
+@pytest.fixture(scope="module")
+def four_processes(tmp_path_factory):
+    """ZeRO-2, 8 experts, ep 1, 2 and 4 (expert-data-parallel groups of 4, 2 and 1 ranks)."""
+    runs = {f"edp_ep{ep}": f"--experts 8 --ep {ep} --zero 2 --mb 1" for ep in (1, 2, 4)}
+    return run_worker(tmp_path_factory.mktemp("four"), 4, **runs)
 
 
 def assert_same(got: dict, want: dict, rtol: float = 1e-5) -> None:
@@ -60,18 +94,13 @@ def assert_same(got: dict, want: dict, rtol: float = 1e-5) -> None:
             )
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("ref"), "single", 1, "--ga", "2", "--mb", "2")
-
-
 @pytest.mark.parametrize(("ep", "zero"), [(2, 1), (2, 2), (1, 1), (2, 0)])
-def test_two_processes_equal_single_process(reference, tmp_path, ep, zero):
-    got = run_worker(tmp_path, f"ep{ep}_z{zero}", 2, "--ep", str(ep), "--zero", str(zero), "--mb", "2")
-    assert_same(got, reference)
+def test_two_processes_equal_single_process(one_process, two_processes, ep, zero):
+    assert_same(two_processes[f"ep{ep}_z{zero}"], one_process["single"])
 
 
-def test_skewed_steps_really_are_skewed(reference):
+def test_skewed_steps_really_are_skewed(one_process):
+    reference = one_process["single"]
     """SKEW_STEP routes expert 3 from one half of the batch only and expert 0 from nowhere;
     EMPTY_RANK_STEP leaves experts 2 and 3 (expert-parallel rank 1 of 2) without any row."""
     tokens = reference["expert_tokens"][SKEW_STEP * 2 : SKEW_STEP * 2 + 2]  # the two micro-batches (= ranks)
@@ -89,50 +118,25 @@ def test_skewed_steps_really_are_skewed(reference):
             assert g[2:].abs().max() == 0 and g[:2].abs().max() > 0, name
 
 
-def test_global_batch_scope_equals_single_process(tmp_path):
-    common = ["--scope", "global_batch", "--no-half-skew"]  # mb=4 spans both halves of the batch
-    ref = run_worker(tmp_path, "single_global", 1, "--mb", "4", *common)
-    got = run_worker(tmp_path, "two_global", 2, "--ep", "2", "--mb", "2", *common)
-    assert_same(got, ref)
-
-
-@pytest.fixture(scope="module")
-def reference_8_experts(tmp_path_factory):
-    """1 process, 4 micro-batches of 1 sequence: the global batch of the 4-process runs."""
-    return run_worker(
-        tmp_path_factory.mktemp("ref8"), "single8", 1, "--experts", "8", "--ga", "4", "--mb", "1"
-    )
+def test_global_batch_scope_equals_single_process(one_process, two_processes):
+    assert_same(two_processes["two_global"], one_process["single_global"])
 
 
 @pytest.mark.parametrize("ep", [1, 2, 4])
-def test_four_processes_expert_data_parallel_equal_single_process(reference_8_experts, tmp_path, ep):
-    """ZeRO-2 on 4 ranks, 8 experts: ep 2 and ep 4 (expert-data-parallel groups of 2 and 1 ranks)
-    give the losses, gradient norms and gradients of ep 1 on the same 4 ranks and of 1 process.
-    At EMPTY_RANK_STEP, EP ranks 1 (ep 2) and 1-3 (ep 4) receive no row."""
-    args = ["--experts", "8", "--ep", str(ep), "--zero", "2", "--mb", "1"]
-    assert_same(run_worker(tmp_path, f"edp_ep{ep}", 4, *args), reference_8_experts)
+def test_four_processes_expert_data_parallel_equal_single_process(one_process, four_processes, ep):
+    """ZeRO-2 on 4 ranks, 8 experts: ep 2 and ep 4 give the losses, gradient norms and gradients of
+    ep 1 on the same 4 ranks and of 1 process. At EMPTY_RANK_STEP, EP ranks 1 (ep 2) and 1-3 (ep 4)
+    receive no row."""
+    assert_same(four_processes[f"edp_ep{ep}"], one_process["single8"])
+    assert_same(four_processes[f"edp_ep{ep}"], four_processes["edp_ep1"])
 
 
-def test_global_batch_with_accumulation_counts_the_step_so_far(tmp_path):
+def test_global_batch_with_accumulation_counts_the_step_so_far(two_processes):
     """2 ranks x 2 micro-batches, `global_batch` scope: micro-batch a's balance loss uses the expert
     counts of micro-batches 0..a of *every* rank (as docs/parallel.md and Megatron's global aux loss
     promise). The reference recomputes that objective in one process, without DeepSpeed or
     `Objective`: f_E from the counts so far, P_E from the micro-batch's own probabilities."""
-    got = run_worker(
-        tmp_path,
-        "ga_global",
-        2,
-        "--ep",
-        "2",
-        "--ga",
-        "2",
-        "--mb",
-        "1",
-        "--scope",
-        "global_batch",
-        "--steps",
-        "1",
-    )
+    got = two_processes["ga_global"]
     torch.manual_seed(0)
     model = Qwen2MoEForCausalLM(tiny_moe())
     model.init_weights(torch.Generator().manual_seed(0))

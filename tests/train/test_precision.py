@@ -35,10 +35,23 @@ BF16_DTYPES = {
 }
 
 
-def test_bf16_tracks_fp32_over_20_steps(tmp_path):
-    common = ["--ep", "2", "--zero", "1", "--mb", "2", "--no-grads", "--steps", "20", "--lr", "3e-3"]
-    fp32 = run_worker(tmp_path, "fp32", 2, *common)
-    bf16 = run_worker(tmp_path, "bf16", 2, *common, "--bf16")
+ACCUM = {
+    name: f"--ep 2 --zero {zero} --ga 8 --mb 1 --global-seqs 16 --bf16 --grad-accum-dtype {accum} "
+    "--check-accum --no-grads --steps 1"
+    for name, zero, accum in (("z1_fp32", 1, "fp32"), ("z2_fp32", 2, "fp32"), ("z2_bf16", 2, "bf16"))
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tracking = "--ep 2 --zero 1 --mb 2 --no-grads --steps 20 --lr 3e-3"
+    return run_worker(
+        tmp_path_factory.mktemp("precision"), 2, fp32=tracking, bf16=f"{tracking} --bf16", **ACCUM
+    )
+
+
+def test_bf16_tracks_fp32_over_20_steps(runs):
+    fp32, bf16 = runs["fp32"], runs["bf16"]
     assert bf16["dtypes"] == BF16_DTYPES
     assert fp32["dtypes"]["expert_weight"] == fp32["dtypes"]["logits"] == "torch.float32"
     diff = (torch.tensor(bf16["loss"]) - torch.tensor(fp32["loss"])).abs()
@@ -46,26 +59,11 @@ def test_bf16_tracks_fp32_over_20_steps(tmp_path):
     assert diff.max() > 0  # bf16 really ran: the numbers are not fp32's
 
 
-@pytest.mark.parametrize(
-    ("zero", "accum", "fp32_exact"), [(1, "fp32", True), (2, "fp32", True), (2, "bf16", False)]
-)
-def test_eight_micro_batches_accumulate_and_reduce_in_fp32(tmp_path, zero, accum, fp32_exact):
-    args = ["--ep", "2", "--zero", str(zero), "--ga", "8", "--mb", "1", "--global-seqs", "16"]
-    got = run_worker(
-        tmp_path,
-        f"z{zero}_{accum}",
-        2,
-        *args,
-        "--bf16",
-        "--grad-accum-dtype",
-        accum,
-        "--check-accum",
-        "--no-grads",
-        "--steps",
-        "1",
-    )
-    worst = max(got["accum_error"][0].values())
+@pytest.mark.parametrize(("name", "fp32_exact"), [("z1_fp32", True), ("z2_fp32", True), ("z2_bf16", False)])
+def test_eight_micro_batches_accumulate_and_reduce_in_fp32(runs, name, fp32_exact):
+    errors = runs[name]["accum_error"][0]
+    worst = max(errors.values())
     if fp32_exact:
-        assert worst <= 1e-6, got["accum_error"][0]
+        assert worst <= 1e-6, errors
     else:  # the negative control: bf16 accumulation is visibly inexact
-        assert worst > 1e-4, got["accum_error"][0]
+        assert worst > 1e-4, errors

@@ -121,3 +121,30 @@ def test_collectives_leave_the_input_alone(recorded_collectives):
     x = torch.ones(2)
     out = comm.sum(x)
     assert out is not x and out.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.slow
+def test_no_host_read_per_micro_batch(tmp_path):
+    """One optimizer step reads the device as often with 4 micro-batches as with 1 (ZeRO 0, 1, 2):
+    losses, counts and the non-finite flag stay on the device until the step's end. A per-micro-batch
+    `.item()` (as the trainer had) adds 3 reads at GA 4."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "reads.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "tests.train.host_reads_worker", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    reads = json.loads(out.read_text())
+    for zero in (0, 1, 2):
+        assert reads[f"zero{zero}_ga4"] == reads[f"zero{zero}_ga1"], (zero, reads)
+        assert sum(reads[f"zero{zero}_ga1"].values()) > 0  # the counting works: the step's own reads

@@ -1,6 +1,13 @@
 """Benchmark: `data.prepare` against plain `tokenizers` batched encoding, and the loader on prepared shards.
 
     python benchmarks/data.py [--copies 1 16] [--workers 0 2] [--runs 7] [--seq-len 4096] [--batch 8]
+    python benchmarks/data.py --interrupted-gb 2 [--workers 2]     # 3. only
+
+3. Interrupted preparation (`--interrupted-gb`): a generated jsonl corpus of that size (the built-in
+   documents, each with a unique first line) is prepared by `python -m data.prepare`-equivalent
+   subprocess, SIGKILLed once `progress.json` records half of the tasks, then run again to the end.
+   Reported: each run's seconds, the tasks redone, tokens/s over both runs, and the peak memory of
+   the writing process and of all processes (sampled every 0.2 s).
 
 1. Tokenisation. The built-in corpus (optionally `--copies` times over, as that many sources, to
    measure on more than ~130k tokens) is tokenised two ways in alternating runs: plain
@@ -99,6 +106,102 @@ def bench_loader(tokenizer, prepared: str, cache: str, seq_len: int, batch: int,
     return rows
 
 
+PREPARE_DRIVER = """
+import sys
+from data.config import DataConfig, SourceConfig
+from data.prepare import PrepareConfig, prepare
+corpus, out, cache, workers = sys.argv[1:5]
+cfg = DataConfig(sources=[SourceConfig(path=corpus)], cache_dir=cache, prepared_dir=out, eval_fraction=0.001)
+r = prepare(PrepareConfig(data=cfg, num_workers=int(workers), progress=False, progress_every_s=10))
+print(r.num_tokens, r.num_docs, r.num_shards, r.resumed_at_task, flush=True)
+"""
+
+
+def _watch(proc, sample: dict) -> None:
+    """Peak RSS of `proc` and of it with its children, sampled until it exits."""
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            own = p.memory_info().rss
+            total = own + sum(c.memory_info().rss for c in p.children(recursive=True))
+        except psutil.Error:
+            break
+        sample["own"], sample["total"] = max(sample.get("own", 0), own), max(sample.get("total", 0), total)
+        time.sleep(0.2)
+
+
+def bench_interrupted(gb: float, workers: int) -> None:
+    import json
+    import random
+    import signal
+    import subprocess
+    import threading
+
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        work, cache = Path(tmp), str(Path(tmp) / "cache")
+        corpus = work / "corpus.jsonl"
+        docs, rng = list(builtin_documents()), random.Random(0)
+        t0, n = time.perf_counter(), 0
+        with open(corpus, "w") as f:
+            while f.tell() < gb * 1e9:
+                f.write(json.dumps({"text": f"document {n}\n" + rng.choice(docs)}) + "\n")
+                n += 1
+        size, t_gen = corpus.stat().st_size, time.perf_counter() - t0
+        out, partial = work / "prepared", work / ".prepared.partial"
+        cmd = [sys.executable, "-c", PREPARE_DRIVER, str(corpus), str(out), cache, str(workers)]
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        runs = []
+        for attempt in ("killed", "resumed"):
+            sample: dict = {}
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            watcher = threading.Thread(target=_watch, args=(proc, sample), daemon=True)
+            watcher.start()
+            done_at_kill = None
+            while attempt == "killed" and proc.poll() is None:
+                try:
+                    state = json.loads((partial / "progress.json").read_text())
+                    rows, sizes = state["job"]["num_rows"], state["task_sizes"]
+                    total = sum(-(-r // s) for r, s in zip(rows, sizes))
+                    if state["next_task"] >= total // 2:
+                        done_at_kill = (state["next_task"], total)
+                        proc.send_signal(signal.SIGKILL)
+                        break
+                except (OSError, ValueError, KeyError):
+                    pass
+                time.sleep(0.5)
+            stdout, stderr = proc.communicate()
+            watcher.join()
+            runs.append((attempt, time.perf_counter() - t0, proc.returncode, stdout, sample, done_at_kill))
+            if attempt == "resumed" and proc.returncode != 0:
+                raise SystemExit(stderr[-3000:])
+        tokens, num_docs, shards, resumed_at = (int(x) for x in runs[1][3].splitlines()[-1].split())
+        recorded, total = runs[0][5] or (0, 0)
+        seconds = runs[0][1] + runs[1][1]
+        print(f"device: {cpu_name()}, {os.cpu_count()} CPUs; date {datetime.date.today().isoformat()}")
+        print(f"command: python benchmarks/data.py --interrupted-gb {gb} --workers {workers}")
+        print(f"corpus: {size / 1e9:.2f} GB jsonl, {n:,} documents (generated in {t_gen:.0f} s)")
+        print()
+        print("| run | seconds | tasks | peak RSS writer (GB) | peak RSS all processes (GB) |")
+        print("|---|---:|---|---:|---:|")
+        print(
+            f"| killed (SIGKILL) | {runs[0][1]:.0f} | {recorded} of {total} recorded when killed | "
+            f"{runs[0][4].get('own', 0) / 1e9:.2f} | {runs[0][4].get('total', 0) / 1e9:.2f} |"
+        )
+        print(
+            f"| resumed | {runs[1][1]:.0f} | resumed after task {resumed_at}, {total - resumed_at} run | "
+            f"{runs[1][4].get('own', 0) / 1e9:.2f} | {runs[1][4].get('total', 0) / 1e9:.2f} |"
+        )
+        print()
+        print(
+            f"{tokens:,} tokens, {num_docs:,} documents, {shards} shards; {seconds:.0f} s in all, "
+            f"{tokens / seconds:,.0f} tokens/s; leftovers beside the output: "
+            f"{sorted(p.name for p in work.iterdir() if p.name not in ('corpus.jsonl', 'cache', 'prepared'))}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,7 +212,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=2.0, help="per loader variant")
+    parser.add_argument("--interrupted-gb", type=float, default=0, help="3. only: corpus size in GB")
     args = parser.parse_args()
+    if args.interrupted_gb:
+        bench_interrupted(args.interrupted_gb, args.workers[-1] or os.cpu_count() or 1)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         work, cache = Path(tmp), str(Path(tmp) / "cache")

@@ -3,8 +3,10 @@
 Design choices:
 - One schema serves training and `python -m data.prepare`: the prepared directory is just another
   field (`prepared_dir`), so preparing and training read the same `data=<preset>` Hydra group.
-- Mixture weights, the seed, `seq_len` and the held-out fraction are read-time choices: prepared
-  shards hold whole sources, so they can change without re-tokenising.
+- Mixture weights, the seed and `seq_len` are read-time choices: prepared shards hold whole
+  sources, so they can change without re-tokenising (weights even on resume, with
+  `new_mixture_on_resume`). The held-out fraction is fixed when preparing: the split is made while
+  tokenising, so that reading never scans the corpus.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ class Split(str, enum.Enum):
     """Which part of every source a loader reads."""
 
     train = "train"
-    eval = "eval"  # the last `eval_fraction` of each source's documents
+    eval = "eval"  # the documents of every source held out by a hash of their text (`eval_fraction`)
 
 
 class TxtSampleBy(str, enum.Enum):
@@ -76,19 +78,37 @@ class DataConfig:
     """Seeds the training split's per-epoch block order and mixture interleaving (the eval split's
     order is fixed, so runs that differ only in seed are evaluated on the same batches)."""
     eval_fraction: float = 0.05
-    """Fraction of each source's documents (the last ones) held out as the eval split; 0 disables it."""
+    """Fraction of the documents held out as the eval split, drawn by a hash of each document's text
+    (so from every file of every source, the same in every run); 0 disables it. Prepared data fixes
+    it when preparing: a different value is refused when reading."""
     reset_attention_at_doc_boundary: bool = False
     """Also yield `position_ids` and `document_ids` that restart after every EOS."""
     prepared_dir: Optional[str] = None
     """Read pre-tokenised shards from here (written by `python -m data.prepare`) instead of tokenising."""
     verify_shards: bool = True
-    """Check the sha256 of every prepared shard when opening it (reads the data once, ~1 s/GB)."""
+    """Check the sha256 of every prepared shard once: `data.prepare` stamps its output, and a reader
+    that finds no valid stamp (a copied directory, a rewritten file) hashes every file once (~1 s/GB)
+    and stamps it. Sizes are checked at every open regardless."""
+    max_open_shards: int = 64
+    """Shard files this process keeps open at most, shared by its train and eval loaders."""
     cache_dir: str = "~/.cache/finemoe"
-    """Where the builtin tokenizer and Hugging Face's dataset cache live."""
+    """Where the builtin tokenizer (and, by default, Hugging Face's dataset cache) live."""
+    datasets_cache_dir: Optional[str] = None
+    """Hugging Face datasets' cache: its Arrow copy of local text files (as large as the text) and
+    Hub downloads. Default `<cache_dir>/datasets`; put it on scratch space for a large corpus."""
     mixture_window: int = 1024
     """Samples per mixture window; each source gets a fixed quota of every window (by weight)."""
     prefetch_batches: int = 2
     """Micro-batches a background thread assembles ahead of the trainer; 0 assembles on demand."""
+    new_mixture_on_resume: bool = False
+    """Accept changed source weights or `mixture_window` when resuming (an annealing phase): the model
+    and optimizer state continue, and the mixture starts a new position from which every source
+    continues where it stopped, so nothing is repeated. Without it such a change is refused."""
+
+    @property
+    def datasets_cache(self) -> str:
+        """Hugging Face datasets' cache directory (`datasets_cache_dir` or `<cache_dir>/datasets`)."""
+        return self.datasets_cache_dir or f"{self.cache_dir.rstrip('/')}/datasets"
 
     @property
     def block_len(self) -> int:
@@ -129,4 +149,8 @@ class DataConfig:
             raise ValueError(f"data.prefetch_batches must be >= 0, got {self.prefetch_batches}")
         if self.prepared_dir is not None and not self.prepared_dir:
             raise ValueError("data.prepared_dir must be null or a directory, got an empty string")
+        if self.datasets_cache_dir is not None and not self.datasets_cache_dir:
+            raise ValueError("data.datasets_cache_dir must be null or a directory, got an empty string")
+        if self.max_open_shards < 1:
+            raise ValueError(f"data.max_open_shards must be positive, got {self.max_open_shards}")
         return self

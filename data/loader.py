@@ -10,6 +10,8 @@ Design choices:
   (`data.stream`); `state_dict()` reports the epoch for logging.
 - A background thread assembles `prefetch_batches` micro-batches ahead (numpy copies release the GIL),
   so the trainer does not wait; the state counts only micro-batches handed out.
+- Mixture phases: with `DataConfig.new_mixture_on_resume`, a resume with other weights starts the new
+  mixture at sample 0, each source offset by the samples it had served (`source_offsets` in the state).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from transformers import PreTrainedTokenizerFast
 
 from data.config import DataConfig, Split
 from data.dataset import PackedDataset, build_dataset
+from data.mixture import Mixture
 
 STATE_VERSION = 1
+_MIXTURE = {"weights", "mixture_window"}  # what `new_mixture_on_resume` may change
 
 
 def build_loader(
@@ -63,6 +67,7 @@ def build_loader(
         eos_token_id=int(tokenizer.eos_token_id),
         reset_attention=cfg.reset_attention_at_doc_boundary,
         prefetch_batches=cfg.prefetch_batches,
+        new_mixture_on_resume=cfg.new_mixture_on_resume,
     )
 
 
@@ -130,8 +135,10 @@ class PackedLoader:
         eos_token_id: int,
         reset_attention: bool,
         prefetch_batches: int,
+        new_mixture_on_resume: bool = False,
     ):
         self.dataset = dataset
+        self.new_mixture_on_resume = new_mixture_on_resume
         self.dp_rank = dp_rank
         self.dp_world = dp_world
         self.micro_batch_size = micro_batch_size
@@ -167,10 +174,12 @@ class PackedLoader:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Where the next micro-batch starts, as a global sample index (the same on every rank)."""
+        """Where the next micro-batch starts, as a global sample index (the same on every rank), and
+        the samples each source had served before the current mixture phase."""
         return {
             "version": STATE_VERSION,
             "next_sample": self._next_sample,
+            "source_offsets": [int(x) for x in self.dataset.source_offsets],
             "epoch": self.dataset.epoch(self._next_sample),
             "source_epochs": self.dataset.source_epochs(self._next_sample),
             "identity": self.dataset.identity,
@@ -179,6 +188,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue at the saved position; the rank count and micro-batch size may differ.
 
+        With `new_mixture_on_resume`, changed weights or mixture window start a new mixture phase:
+        the position restarts at 0 and each source continues at the samples it had served.
+
         Raises:
             ValueError: a state of another version, or of a different sample sequence (names what changed).
         """
@@ -186,11 +198,22 @@ class PackedLoader:
             raise ValueError(f"loader state version {state.get('version')!r}, expected {STATE_VERSION}")
         saved, current = state["identity"], self.dataset.identity
         changed = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
-        if changed:
+        offsets = np.asarray(state.get("source_offsets") or [0] * len(self.dataset.streams), dtype=np.int64)
+        next_sample = int(state["next_sample"])
+        if changed and set(changed) <= _MIXTURE and self.new_mixture_on_resume:
+            old = Mixture(saved["weights"], saved["mixture_window"], self.dataset.mixture.key)
+            offsets, next_sample = offsets + old.consumed(next_sample), 0
+        elif changed:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
-            raise ValueError(f"the loader state belongs to a different sample sequence ({detail})")
+            hint = (
+                "; set data.new_mixture_on_resume=true to start a new mixture phase"
+                if set(changed) <= _MIXTURE
+                else ""
+            )
+            raise ValueError(f"the loader state belongs to a different sample sequence ({detail}){hint}")
         self.close()
-        self._next_sample = int(state["next_sample"])
+        self.dataset.source_offsets = offsets
+        self._next_sample = next_sample
 
     def close(self) -> None:
         """Stop the prefetch thread (iteration may continue; it restarts on demand)."""

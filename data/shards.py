@@ -1,60 +1,103 @@
-"""The prepared format: memory-mapped token shards plus an index, written by `data.prepare`.
+"""The prepared format: token shards plus an index, written by `data.prepare`, read through a bounded
+cache of file handles.
 
-    <prepared_dir>/index.json                     dtype, EOS, tokenizer fingerprint, sources, files
-    <prepared_dir>/source_000/tokens_00000.bin    raw little-endian uint16 (vocab <= 65536) or uint32
-    <prepared_dir>/source_000/doc_offsets.bin     raw int64 [num_docs + 1]: document d is tokens
-                                                  [offsets[d], offsets[d + 1]) of the source
+    <prepared_dir>/index.json                          dtype, EOS, tokenizer, eval_fraction, sources, files
+    <prepared_dir>/source_000/train/tokens_00000.bin   raw little-endian uint16 (vocab <= 65536) or uint32
+    <prepared_dir>/source_000/train/doc_offsets.bin    raw int64 [num_docs + 1]: document d is tokens
+                                                       [offsets[d], offsets[d + 1]) of the split
+    <prepared_dir>/source_000/eval/...                 the held-out documents, the same way
+    <prepared_dir>/verified.json                       the stamp: every file's size and mtime when its
+                                                       sha256 was last checked
 
 Design choices:
-- Raw arrays, not .npy: a shard is appended to as workers deliver, with nothing to patch afterwards.
-- Shards hold whole documents and record their token count, byte size and sha256: a truncated shard
-  is caught when opened (sizes, always), a corrupted one by its hash (`DataConfig.verify_shards`).
-- Readers map the files (`np.memmap`), so memory stays constant whatever the corpus size.
+- Raw arrays, not .npy: a shard is appended to as workers deliver, with nothing to patch afterwards,
+  and an interrupted `data.prepare` resumes by truncating to its last recorded lengths.
+- Integrity is checked in two tiers. Sizes, always, at every open (a stat per file). Hashes once:
+  `data.prepare` records each file's sha256 and writes the stamp; a reader that finds no valid stamp
+  (the directory was copied, a file was rewritten) hashes every file once, under a lock so that the
+  ranks of a node do it once, and writes the stamp (`DataConfig.verify_shards`).
+- Shards are read with `os.pread` through one `FileHandles` per prepared directory and process,
+  shared by every loader (train and eval): at most `max_open` descriptors, least recently used
+  closed first, whatever the number of shards. Nothing is memory-mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 FORMAT = "finemoe-prepared"
-VERSION = 1
+VERSION = 2
 INDEX = "index.json"
+STAMP = "verified.json"
+SPLITS = ("train", "eval")
 _HASH_CHUNK = 1 << 24  # bytes
 
 
-def source_dir(index: int) -> str:
-    return f"source_{index:03d}"
+def source_dir(index: int, split: str) -> str:
+    return f"source_{index:03d}/{split}"
 
 
 class ShardWriter:
-    """Appends one source's encoded documents to shards of about `shard_tokens` tokens.
+    """Appends one source split's encoded documents to shards of about `shard_tokens` tokens.
 
     Args:
         root: the prepared directory (files are recorded relative to it).
-        source_index: which source; its files go to `root/source_XXX/`.
+        source_index, split: which source and split; files go to `root/source_XXX/<split>/`.
         dtype: token dtype.
         shard_tokens: a new shard starts before a batch that would grow the current one past this.
+        state: `state()` of an interrupted writer: its files are truncated to what it recorded and
+            writing continues from there (files it started afterwards are removed).
     """
 
-    def __init__(self, root: Path, source_index: int, dtype: np.dtype, shard_tokens: int):
+    def __init__(
+        self,
+        root: Path,
+        source_index: int,
+        split: str,
+        dtype: np.dtype,
+        shard_tokens: int,
+        state: dict[str, Any] | None = None,
+    ):
         self.root = root
-        self.dir = root / source_dir(source_index)
+        self.dir = root / source_dir(source_index, split)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shard_tokens = shard_tokens
         self.shards: list[dict[str, Any]] = []
         self.num_docs = 0
         self.num_tokens = 0
-        self._file: Any = None
+        self._file: _HashedFile | None = None
         self._shard_count = 0
-        self._offsets = _HashedFile(self.dir / "doc_offsets.bin")
-        self._offsets.write(np.zeros(1, "<i8"))
+        offsets = self.dir / "doc_offsets.bin"
+        if state is None:
+            for stale in self.dir.glob("tokens_*.bin"):
+                stale.unlink()
+            self._offsets = _HashedFile(offsets)
+            self._offsets.write(np.zeros(1, "<i8"))
+            return
+        self.shards = list(state["shards"])
+        self.num_docs, self.num_tokens = int(state["num_docs"]), int(state["num_tokens"])
+        self._offsets = _HashedFile(offsets, keep=int(state["offsets_bytes"]))
+        current = state["current"]
+        if current is not None:
+            self._file = _HashedFile(root / current["file"], keep=int(current["bytes"]))
+            self._shard_count = int(current["tokens"])
+        started = len(self.shards) + (current is not None)
+        for stale in self.dir.glob("tokens_*.bin"):
+            if int(stale.stem.split("_")[1]) >= started:
+                stale.unlink()
 
     def append(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
         """Append documents (`tokens` as `encode_documents` returns them) to the current shard."""
@@ -71,8 +114,25 @@ class ShardWriter:
         self.num_tokens += len(tokens)
         self.num_docs += len(doc_lengths)
 
+    def state(self) -> dict[str, Any]:
+        """Flush and fsync the open files; returns what a resumed writer needs (JSON)."""
+        current = None
+        if self._file is not None:
+            current = {
+                "file": self._file.path.relative_to(self.root).as_posix(),
+                "bytes": self._file.sync(),
+                "tokens": self._shard_count,
+            }
+        return {
+            "shards": self.shards,
+            "current": current,
+            "num_docs": self.num_docs,
+            "num_tokens": self.num_tokens,
+            "offsets_bytes": self._offsets.sync(),
+        }
+
     def close(self) -> dict[str, Any]:
-        """Finish the files; returns this source's entry of `index.json`."""
+        """Finish the files; returns this split's entry of `index.json`."""
         if self._file is not None:
             self._finish_shard()
         return {
@@ -83,6 +143,7 @@ class ShardWriter:
         }
 
     def _finish_shard(self) -> None:
+        assert self._file is not None
         entry = self._file.close(self.root)
         entry["num_tokens"] = self._shard_count
         self.shards.append(entry)
@@ -90,13 +151,24 @@ class ShardWriter:
 
 
 class _HashedFile:
-    """A binary file written sequentially while its sha256 is computed."""
+    """A binary file written sequentially while its sha256 is computed. With `keep`, an existing
+    file is truncated to `keep` bytes, which are hashed again, and writing continues after them."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep: int | None = None):
         self.path = path
-        self._f = open(path, "wb")  # noqa: SIM115 (closed in close())
         self._hash = hashlib.sha256()
-        self._bytes = 0
+        self._f: Any
+        if keep is None:
+            self._f = open(path, "wb")  # noqa: SIM115 (closed in close())
+            self._bytes = 0
+            return
+        self._f = open(path, "r+b")  # noqa: SIM115
+        self._f.truncate(keep)
+        while chunk := self._f.read(min(_HASH_CHUNK, keep - self._f.tell())):
+            self._hash.update(chunk)
+        if self._f.tell() != keep:
+            raise ValueError(f"{path} is shorter ({self._f.tell()} bytes) than its recorded {keep}")
+        self._bytes = keep
 
     def write(self, array: np.ndarray) -> None:
         data = np.ascontiguousarray(array).view(np.uint8)
@@ -104,7 +176,14 @@ class _HashedFile:
         self._hash.update(data.data)
         self._bytes += data.nbytes
 
+    def sync(self) -> int:
+        """Flush and fsync; returns the bytes written so far."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return self._bytes
+
     def close(self, root: Path) -> dict[str, Any]:
+        self.sync()
         self._f.close()
         return {
             "file": self.path.relative_to(root).as_posix(),
@@ -113,13 +192,81 @@ class _HashedFile:
         }
 
 
-class ShardedTokens:
-    """A token store over memory-mapped shards (see `data.token_store.TokenStore`)."""
+# ---- reading -------------------------------------------------------------------------------------
 
-    def __init__(self, shards: Sequence[np.ndarray], doc_offsets: np.ndarray):
-        self._shards = shards
-        self._ends = np.cumsum([len(s) for s in shards], dtype=np.int64)
-        self._doc_offsets = doc_offsets
+
+class FileHandles:
+    """At most `max_open` read-only descriptors, least recently used closed first; thread-safe.
+
+    A descriptor in use by a read is never closed under it (the bound may be exceeded for as long as
+    more threads than `max_open` read at once).
+    """
+
+    def __init__(self, max_open: int):
+        self.max_open = max_open
+        self.opens = 0
+        self._fds: OrderedDict[str, list[int]] = OrderedDict()  # path -> [fd, readers]
+        self._lock = threading.Lock()
+
+    def pread(self, path: str, nbytes: int, offset: int) -> bytes:
+        """`nbytes` from `offset` of `path` (a short read is an error: the file shrank)."""
+        entry = self._acquire(path)
+        try:
+            data = os.pread(entry[0], nbytes, offset)
+            while len(data) < nbytes:
+                more = os.pread(entry[0], nbytes - len(data), offset + len(data))
+                if not more:
+                    raise ValueError(f"prepared shard {path} is truncated: no bytes at {offset + len(data)}")
+                data += more
+            return data
+        finally:
+            self._release(entry)
+
+    @property
+    def num_open(self) -> int:
+        return len(self._fds)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _acquire(self, path: str) -> list[int]:
+        with self._lock:
+            entry = self._fds.get(path)
+            if entry is None:
+                entry = [os.open(path, os.O_RDONLY), 0]
+                self._fds[path] = entry
+                self.opens += 1
+            else:
+                self._fds.move_to_end(path)
+            entry[1] += 1
+            self._evict()
+            return entry
+
+    def _release(self, entry: list[int]) -> None:
+        with self._lock:
+            entry[1] -= 1
+            self._evict()
+
+    def _evict(self) -> None:
+        excess = len(self._fds) - self.max_open
+        for path in [p for p, (_, users) in self._fds.items() if users == 0][: max(excess, 0)]:
+            os.close(self._fds.pop(path)[0])
+
+
+class ShardedTokens:
+    """A token store over one split's shards (see `data.token_store.TokenStore`), read with pread."""
+
+    def __init__(
+        self, prepared: PreparedDir, files: list[str], counts: list[int], dtype: np.dtype, offsets: str
+    ):
+        self._prepared = prepared  # keeps the shared handle cache alive while a loader reads
+        self._files = files
+        self._dtype = dtype
+        self._ends = np.cumsum(counts, dtype=np.int64)
+        self._offsets_file = offsets
 
     @property
     def num_tokens(self) -> int:
@@ -127,19 +274,23 @@ class ShardedTokens:
 
     @property
     def doc_offsets(self) -> np.ndarray:
-        return self._doc_offsets
+        """Read on demand (not kept: 8 bytes per document)."""
+        return np.fromfile(self._offsets_file, dtype="<i8")
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        i = int(np.searchsorted(self._ends, start, side="right"))
-        shard_start = int(self._ends[i - 1]) if i else 0
-        if stop <= self._ends[i]:
-            return self._shards[i][start - shard_start : stop - shard_start]
         pieces = []
+        i = int(np.searchsorted(self._ends, start, side="right"))
         while start < stop:
+            shard_start = int(self._ends[i - 1]) if i else 0
             end = min(stop, int(self._ends[i]))
-            pieces.append(self._shards[i][start - shard_start : end - shard_start])
-            start, shard_start, i = end, int(self._ends[i]), i + 1
-        return np.concatenate(pieces)
+            data = self._prepared.handles.pread(
+                self._files[i],
+                (end - start) * self._dtype.itemsize,
+                (start - shard_start) * self._dtype.itemsize,
+            )
+            pieces.append(np.frombuffer(data, dtype=self._dtype))
+            start, i = end, i + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def write_index(root: Path, index: dict[str, Any]) -> None:
@@ -168,48 +319,171 @@ def read_index(root: Path) -> dict[str, Any]:
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} index")
     if index.get("version") != VERSION:
-        raise ValueError(f"{path} has format version {index.get('version')}; this code reads {VERSION}")
+        raise ValueError(
+            f"{path} has format version {index.get('version')}; this code reads {VERSION}: prepare it again "
+            "(version 2 holds out documents by a hash of their text and encodes special-token text as text)"
+        )
     return index
 
 
-def open_source(root: Path, entry: dict[str, Any], dtype: np.dtype, verify: bool) -> ShardedTokens:
-    """Map one source's shards, checking sizes always and hashes when `verify`.
+def index_files(index: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
+    """Every file entry of an index with its expected size in bytes."""
+    itemsize = np.dtype(index["dtype"]).itemsize
+    for source in index["sources"]:
+        for split in source["splits"].values():
+            yield split["doc_offsets"], (int(split["num_docs"]) + 1) * 8
+            for shard in split["shards"]:
+                yield shard, int(shard["num_tokens"]) * itemsize
+
+
+def check_sizes(root: Path, index: dict[str, Any]) -> None:
+    """Every file exists with the size the index records (a stat per file).
 
     Raises:
-        FileNotFoundError: a missing shard or offsets file (named).
-        ValueError: a truncated, over-long or corrupt file (named).
+        FileNotFoundError: a missing file (named).
+        ValueError: a truncated or over-long file (named).
     """
-    num_docs, num_tokens = int(entry["num_docs"]), int(entry["num_tokens"])
-    offsets_path = _checked(root, entry["doc_offsets"], (num_docs + 1) * 8, verify)
-    doc_offsets = np.memmap(offsets_path, dtype="<i8", mode="r")
-    if doc_offsets[0] != 0 or doc_offsets[-1] != num_tokens:
-        raise ValueError(
-            f"{offsets_path} is corrupt: offsets run {doc_offsets[0]}..{doc_offsets[-1]}, not 0..{num_tokens}"
-        )
-    shards = []
-    for shard in entry["shards"]:
-        path = _checked(root, shard, int(shard["num_tokens"]) * dtype.itemsize, verify)
-        shards.append(np.memmap(path, dtype=dtype, mode="r"))
-    if sum(len(s) for s in shards) != num_tokens:
-        raise ValueError(
-            f"{root / INDEX} is inconsistent: its shards do not add up to num_tokens={num_tokens}"
-        )
-    return ShardedTokens(shards, doc_offsets)
+    for entry, expected in index_files(index):
+        path = root / entry["file"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"prepared shard {path} is missing") from None
+        if size != expected or size != entry["bytes"]:
+            state = "truncated" if size < expected else "longer than recorded"
+            raise ValueError(f"prepared shard {path} is {state}: {size} bytes, {INDEX} says {expected}")
 
 
-def _checked(root: Path, entry: dict[str, Any], expected_bytes: int, verify: bool) -> Path:
-    path = root / entry["file"]
-    if not path.is_file():
-        raise FileNotFoundError(f"prepared shard {path} is missing")
-    size = path.stat().st_size
-    if size != expected_bytes or size != entry["bytes"]:
-        state = "truncated" if size < expected_bytes else "longer than recorded"
-        raise ValueError(f"prepared shard {path} is {state}: {size} bytes, {INDEX} says {expected_bytes}")
-    if verify:
+def _stamp_content(root: Path, index_bytes: bytes, index: dict[str, Any]) -> dict[str, Any]:
+    files = {}
+    for entry, _ in index_files(index):
+        st = (root / entry["file"]).stat()
+        files[entry["file"]] = [st.st_size, st.st_mtime_ns]
+    return {"index_sha256": hashlib.sha256(index_bytes).hexdigest(), "files": files}
+
+
+def write_stamp(root: Path) -> bool:
+    """Record that every file of `root` matches its hash as of now. False if `root` is read-only."""
+    index_bytes = (root / INDEX).read_bytes()
+    content = _stamp_content(root, index_bytes, json.loads(index_bytes))
+    tmp = root / f".{STAMP}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(content) + "\n")
+        os.replace(tmp, root / STAMP)
+    except OSError:
+        return False
+    return True
+
+
+def stamp_valid(root: Path, index: dict[str, Any]) -> bool:
+    """True if the stamp matches this index and every file's size and mtime (a stat per file)."""
+    try:
+        stamp = json.loads((root / STAMP).read_text())
+        return stamp == _stamp_content(root, (root / INDEX).read_bytes(), index)
+    except (OSError, ValueError):
+        return False
+
+
+def verify_hashes(root: Path, index: dict[str, Any]) -> None:
+    """Hash every file and compare with the index.
+
+    Raises:
+        ValueError: a corrupt file (named).
+    """
+    for entry, _ in index_files(index):
+        path = root / entry["file"]
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(_HASH_CHUNK):
                 h.update(chunk)
         if h.hexdigest() != entry["sha256"]:
             raise ValueError(f"prepared shard {path} is corrupt: its sha256 differs from the one in {INDEX}")
-    return path
+
+
+@contextlib.contextmanager
+def _verify_lock(root: Path) -> Iterator[None]:
+    """An exclusive lock on `root/.verify.lock` (no lock where `root` is read-only)."""
+    try:
+        f = open(root / ".verify.lock", "a")  # noqa: SIM115
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class PreparedDir:
+    """One prepared directory as this process reads it: the index, checked once, and the handle cache
+    that every loader of the directory shares. Get it with `open_prepared`."""
+
+    def __init__(self, root: Path, max_open: int):
+        self.root = root
+        self.index = read_index(root)
+        check_sizes(root, self.index)
+        self.handles = FileHandles(max_open)
+        self.hashes_checked = False
+        self.dtype = np.dtype(self.index["dtype"])
+
+    def verify(self) -> None:
+        """Check the hashes unless a valid stamp says they were checked; then stamp."""
+        if self.hashes_checked or stamp_valid(self.root, self.index):
+            self.hashes_checked = True
+            return
+        with _verify_lock(self.root):
+            if not stamp_valid(self.root, self.index):  # another process may have done it meanwhile
+                verify_hashes(self.root, self.index)
+                write_stamp(self.root)
+        self.hashes_checked = True
+
+    def store(self, source: int, split: str) -> ShardedTokens:
+        entry = self.index["sources"][source]["splits"][split]
+        offsets = str(self.root / entry["doc_offsets"]["file"])
+        num_docs, num_tokens = int(entry["num_docs"]), int(entry["num_tokens"])
+        ends = np.fromfile(offsets, dtype="<i8", count=1), self._last_offset(offsets, num_docs)
+        if ends[0][0] != 0 or ends[1] != num_tokens:
+            raise ValueError(
+                f"{offsets} is corrupt: offsets run {ends[0][0]}..{ends[1]}, not 0..{num_tokens}"
+            )
+        files = [str(self.root / s["file"]) for s in entry["shards"]]
+        counts = [int(s["num_tokens"]) for s in entry["shards"]]
+        if sum(counts) != num_tokens:
+            raise ValueError(
+                f"{self.root / INDEX} is inconsistent: the {split} shards of source {source} do not add up "
+                f"to num_tokens={num_tokens}"
+            )
+        return ShardedTokens(self, files, counts, self.dtype, offsets)
+
+    def _last_offset(self, path: str, num_docs: int) -> int:
+        return int(np.frombuffer(self.handles.pread(path, 8, num_docs * 8), dtype="<i8")[0])
+
+    def __del__(self) -> None:
+        handles = getattr(self, "handles", None)
+        if handles is not None:
+            handles.close()
+
+
+# One PreparedDir per directory and process, alive while some loader uses it: the train and eval
+# loaders share its descriptors (the bound is per process, not per loader) and its hash check.
+_OPEN: weakref.WeakValueDictionary[tuple[str, int], PreparedDir] = weakref.WeakValueDictionary()
+_OPEN_LOCK = threading.Lock()
+
+
+def open_prepared(root: Path, max_open: int = 64) -> PreparedDir:
+    """The process's `PreparedDir` for `root` (sizes checked when first opened).
+
+    Raises:
+        FileNotFoundError, ValueError: as `read_index` and `check_sizes`.
+    """
+    key = (str(root.resolve()), os.stat(root / INDEX).st_mtime_ns if (root / INDEX).is_file() else 0)
+    with _OPEN_LOCK:
+        found = _OPEN.get(key)
+        if found is None:
+            found = PreparedDir(root, max_open)
+            _OPEN[key] = found
+        else:
+            check_sizes(root, found.index)  # every open checks sizes (a stat per file)
+        return found

@@ -35,7 +35,8 @@ def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Datas
     Args:
         src: the source.
         index: its position in `data.sources`, for error messages.
-        cache_dir: Hugging Face's dataset cache goes under `<cache_dir>/datasets`.
+        cache_dir: Hugging Face datasets' cache (`DataConfig.datasets_cache`): its Arrow copy of
+            local files and Hub downloads.
 
     Raises:
         FileNotFoundError: a local path, directory or glob with no data files.
@@ -51,7 +52,7 @@ def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Datas
         ds = datasets.Dataset.from_dict({"text": list(builtin_documents())})
         origin = "the builtin corpus"
     else:
-        ds, origin = _load(src, where, str(Path(cache_dir).expanduser() / "datasets"))
+        ds, origin = _load(src, where, str(Path(cache_dir).expanduser()))
     if src.text_field not in ds.column_names:
         raise ValueError(
             f"data.sources[{index}].text_field={src.text_field!r} is not a column of {origin}; "

@@ -1,7 +1,8 @@
-"""Token stores: one source's documents as a flat token array (EOS after each) plus document offsets.
+"""Token stores: one source split's documents as a flat token array (EOS after each) plus document offsets.
 
 Two implementations share this interface: `InMemoryTokens` (tokenised on the fly) and
-`data.shards.ShardedTokens` (memory-mapped prepared shards). Everything downstream reads through it.
+`data.shards.ShardedTokens` (prepared shards, read through a bounded handle cache). Everything
+downstream reads through it.
 """
 
 from __future__ import annotations
@@ -47,16 +48,3 @@ class InMemoryTokens:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.tokens[start:stop]
-
-
-def split_range(doc_offsets: np.ndarray, eval_fraction: float, split: str) -> tuple[int, int]:
-    """Token range [start, stop) of one split: eval is the last `eval_fraction` of the documents.
-
-    At least one document goes to each split when `eval_fraction > 0` and there are two or more.
-    """
-    num_docs = len(doc_offsets) - 1
-    num_eval = 0
-    if eval_fraction > 0 and num_docs >= 2:
-        num_eval = min(num_docs - 1, max(1, round(eval_fraction * num_docs)))
-    cut = int(doc_offsets[num_docs - num_eval])
-    return (cut, int(doc_offsets[-1])) if split == "eval" else (0, cut)

@@ -15,6 +15,7 @@ import torch
 
 from data.config import SourceConfig
 from data.dataset import build_dataset
+from data.encode import is_eval_document
 from data.loader import build_loader
 from data.prepare import PrepareConfig, _auto_workers, prepare
 from data.shards import INDEX
@@ -52,11 +53,15 @@ def test_shards_hold_exactly_the_on_the_fly_tokens(prepared, tokenizer) -> None:
         assert a.store.num_tokens == b.store.num_tokens
         assert np.array_equal(a.store.read(0, a.store.num_tokens), b.store.read(0, b.store.num_tokens))
         assert np.array_equal(a.store.doc_offsets, b.store.doc_offsets)
-    # ... and both equal plain per-document tokenisation (empty rows skipped).
+    # ... and both equal plain per-document tokenisation (empty rows skipped, held-out ones apart).
     jsonl = from_shards.streams[1].store
     kept = [d for i, d in enumerate(DOCS) if i % 50]
-    assert np.array_equal(jsonl.read(0, jsonl.num_tokens), reference_stream(tokenizer, kept))
-    assert result.num_docs == len(kept) + len(on_the_fly.streams[0].store.doc_offsets) - 1
+    train_docs = [d for d in kept if not is_eval_document(d, 0.1)]
+    assert 0 < len(train_docs) < len(kept)
+    assert np.array_equal(jsonl.read(0, jsonl.num_tokens), reference_stream(tokenizer, train_docs))
+    held_out = build_dataset(cfg, tokenizer, "eval")
+    builtin_docs = sum(len(ds.streams[0].store.doc_offsets) - 1 for ds in (on_the_fly, held_out))
+    assert result.num_docs == len(kept) + builtin_docs
 
 
 @pytest.mark.parametrize("split", ["train", "eval"])
@@ -84,11 +89,16 @@ def test_index_records_what_readers_check(prepared, tokenizer) -> None:
     index = json.loads((result.path / INDEX).read_text())
     assert index["dtype"] == "<u2" and index["vocab_size"] == len(tokenizer)
     assert index["eos_token_id"] == tokenizer.eos_token_id
+    assert index["eval_fraction"] == 0.1 and index["special_tokens"] == "text"
     for entry in index["sources"]:
-        assert sum(s["num_tokens"] for s in entry["shards"]) == entry["num_tokens"]
-        for shard in entry["shards"]:
-            assert (result.path / shard["file"]).stat().st_size == shard["bytes"] == 2 * shard["num_tokens"]
-    assert index["sources"][1]["num_rows"] - index["sources"][1]["num_docs"] == len(DOCS) // 50
+        for split in entry["splits"].values():
+            assert sum(s["num_tokens"] for s in split["shards"]) == split["num_tokens"]
+            for shard in split["shards"]:
+                assert (
+                    (result.path / shard["file"]).stat().st_size == shard["bytes"] == 2 * shard["num_tokens"]
+                )
+    jsonl = index["sources"][1]
+    assert jsonl["num_rows"] - sum(s["num_docs"] for s in jsonl["splits"].values()) == len(DOCS) // 50
     assert not [p for p in result.path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
 
 
@@ -100,7 +110,7 @@ def copy_prepared(prepared, tmp_path) -> tuple:
 
 
 def a_middle_shard(root: Path) -> Path:
-    return root / json.loads((root / INDEX).read_text())["sources"][0]["shards"][2]["file"]
+    return root / json.loads((root / INDEX).read_text())["sources"][0]["splits"]["train"]["shards"][2]["file"]
 
 
 def test_corrupt_shard_is_named(prepared, tokenizer, tmp_path) -> None:
@@ -185,6 +195,7 @@ def test_command_line(tmp_path, cache_dir, tokenizer) -> None:
             f"data.sources.0.path={corpus}",
             f"data.prepared_dir={out}",
             f"data.cache_dir={cache_dir}",
+            "data.eval_fraction=0",
             "num_workers=2",
         ],
         cwd=REPO,
@@ -209,7 +220,7 @@ def test_worker_processes_and_in_process_write_identical_shards(tmp_path, cache_
             PrepareConfig(data=cfg, num_workers=workers, docs_per_task=7, shard_tokens=3000, progress=False)
         )
         index = json.loads((out / INDEX).read_text())
-        hashes.append([(s["file"], s["sha256"]) for s in index["sources"][0]["shards"]])
+        hashes.append([(s["file"], s["sha256"]) for s in index["sources"][0]["splits"]["train"]["shards"]])
     assert len(hashes[0]) > 1 and hashes[0] == hashes[1]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,84 +11,86 @@ import sys
 import pytest
 import torch
 
-from tests.train.probe import probe_ids
-from tests.train.runner import ROOT, losses, train
+from tests.train.live_worker import probe_ids
+from tests.train.runner import ROOT, TINY, free_port, losses, train
 from train import checkpoint
 from train.export import export
 
 pytestmark = pytest.mark.slow
 
 
-def trained_logits(ckpt, tmp_path):
-    out = tmp_path / "probe.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu")
-    res = subprocess.run(
-        [sys.executable, "-m", "tests.train.probe", str(ckpt), str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+def train_live(run, *overrides: str, procs: int = 1) -> torch.Tensor:
+    """`Trainer(...).fit()` in `procs` processes; returns the in-memory model's final probe logits."""
+    out = run.parent / f"{run.name}_live.pt"
+    worker = ["tests.train.live_worker", str(out), *TINY, f"run_dir={run}", *overrides]
+    if procs == 1:
+        cmd = [sys.executable, "-m", *worker]
+    else:
+        launcher = [
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(procs),
+            "--master_port",
+            str(free_port()),
+        ]
+        cmd = [sys.executable, *launcher, "--no_local_rank", "--module", *worker]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+def exported_logits(src, out) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    export(src, out, dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        return hf(probe_ids(hf.config.vocab_size)).logits
 
 
 @pytest.fixture(scope="module")
 def ep2_run(tmp_path_factory):
-    """5 steps of a tiny MoE on 2 processes, ep_size=2, ZeRO-2 (ZeRO-1 is covered by test_distributed),
-    checkpoints at steps 3 and 5."""
+    """5 steps of a tiny MoE on 2 processes, ep_size=2, ZeRO-2, checkpoints at steps 3 and 5; and the
+    live model's logits after step 5."""
     run = tmp_path_factory.mktemp("ep2") / "run"
-    train(run, "max_steps=5", "parallel=ep2", "deepspeed.zero_stage=2", "checkpoint.every=3", procs=2)
-    return run
+    live = train_live(
+        run, "max_steps=5", "parallel=ep2", "deepspeed.zero_stage=2", "checkpoint.every=3", procs=2
+    )
+    return run, live
 
 
-def test_moe_export_loads_in_transformers_with_trained_logits(tmp_path, ep2_run):
-    from transformers import Qwen2MoeForCausalLM
-
-    step3 = ep2_run / "checkpoints" / "step_00000003"
+def test_moe_export_equals_the_live_model_zero2(tmp_path, ep2_run):
+    """The export of the final checkpoint, loaded by transformers, reproduces the logits of the model
+    that was in memory (gathered ZeRO-2 partitions, both EP ranks' experts) at the end of training."""
+    run, live = ep2_run
+    got = exported_logits(run, tmp_path / "hf")
+    assert (got - live).abs().max().item() <= 1e-5
+    report = json.loads((tmp_path / "hf" / "export_report.json").read_text())
+    assert report["step"] == 5 and report["ep_size"] == 2 and report["tokens_seen"] == 5 * 2 * 2 * 32
     out = tmp_path / "hf"
-    report = export(step3, out, dtype="float32")
-    assert report["step"] == 3 and report["ep_size"] == 2 and report["tokens_seen"] == 3 * 2 * 2 * 32
-    hf = Qwen2MoeForCausalLM.from_pretrained(out).eval()
-    cfg = hf.config
-    with torch.no_grad():
-        got = hf(probe_ids(cfg.vocab_size)).logits
-    want = trained_logits(step3, tmp_path)
-    assert (got - want).abs().max().item() <= 1e-5
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer_config.json").is_file()
 
 
-def test_moe_export_after_zero1(tmp_path):
-    from transformers import Qwen2MoeForCausalLM
-
+def test_moe_export_equals_the_live_model_zero1(tmp_path):
     run = tmp_path / "run"
-    train(run, "max_steps=3", "parallel=ep2", "deepspeed.zero_stage=1", procs=2)
-    export(run, tmp_path / "hf", dtype="float32")
-    hf = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    with torch.no_grad():
-        got = hf(probe_ids(hf.config.vocab_size)).logits
-    want = trained_logits(checkpoint.list_complete(run)[-1], tmp_path)
-    assert (got - want).abs().max().item() <= 1e-5
+    live = train_live(run, "max_steps=3", "parallel=ep2", "deepspeed.zero_stage=1", procs=2)
+    assert (exported_logits(run, tmp_path / "hf") - live).abs().max().item() <= 1e-5
 
 
-def test_dense_export_loads_as_qwen2(tmp_path):
+def test_dense_export_equals_the_live_model(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
     run = tmp_path / "run"
-    train(run, "max_steps=2", "model=tiny_dense", "model.num_hidden_layers=2")
-    out = tmp_path / "hf"
-    export(run, out, dtype="float32")
-    hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(hf) is Qwen2ForCausalLM
-    with torch.no_grad():
-        got = hf(probe_ids(hf.config.vocab_size)).logits
-    want = trained_logits(checkpoint.list_complete(run)[-1], tmp_path)
-    assert (got - want).abs().max().item() <= 1e-5
+    live = train_live(run, "max_steps=2", "model=tiny_dense", "model.num_hidden_layers=2")
+    assert (exported_logits(run, tmp_path / "hf") - live).abs().max().item() <= 1e-5
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")) is Qwen2ForCausalLM
 
 
 def test_resume_with_another_ep_size(tmp_path, ep2_run):
     """ep 2 -> 1 -> 2 on two processes: each next step's loss equals the uninterrupted ep=2 run's."""
+    ep2_run, _ = ep2_run
     hop = tmp_path / "hop"
     (hop / "checkpoints").mkdir(parents=True)
     shutil.copytree(ep2_run / "checkpoints" / "step_00000003", hop / "checkpoints" / "step_00000003")
@@ -100,6 +103,7 @@ def test_resume_with_another_ep_size(tmp_path, ep2_run):
 
 
 def test_incomplete_checkpoint_is_refused_and_nothing_written(tmp_path, ep2_run):
+    ep2_run, _ = ep2_run
     run = tmp_path / "run"
     shutil.copytree(ep2_run / "checkpoints", run / "checkpoints")
     shutil.rmtree(run / "checkpoints" / "step_00000003")

@@ -1,7 +1,7 @@
 """How far the upcycled model starts from the dense one, measured while the checkpoint streams out.
 
-Shape legend: B sequences, L tokens per sequence, T = B*L tokens, H hidden, N routed experts,
-K experts per token, C a chunk of tokens, V vocabulary.
+Shape legend: B sequences, L tokens per sequence, T = B*L tokens (2T: both streams stacked), H hidden,
+N routed experts, K experts per token, C a chunk of tokens, V vocabulary.
 
 Design choices:
 - Two residual streams go through the decoder together, layer by layer: the dense model's
@@ -59,28 +59,31 @@ def _swiglu(x_CH: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
 
 
 class _Routed:
-    """One stream's routing decisions in an MoE layer and its accumulated block output."""
+    """An MoE layer applied to both streams' FFN inputs at once: x_2TH = [dense stream; MoE stream].
 
-    def __init__(self, x_TH: torch.Tensor, router_NH: torch.Tensor, top_k: int, norm_topk_prob: bool):
-        self.x_TH = x_TH
-        self.logits_TN = F.linear(x_TH, router_NH.float())
-        self.probs_TN = self.logits_TN.softmax(dim=-1)
-        self.weights_TK, self.experts_TK = torch.topk(self.probs_TN, top_k, dim=-1)
+    One row per token is independent of the others (routing, experts), so the two streams share
+    every matrix product and each stored weight is upcast once.
+    """
+
+    def __init__(self, x_2TH: torch.Tensor, router_NH: torch.Tensor, top_k: int, norm_topk_prob: bool):
+        self.x_2TH = x_2TH
+        self.probs_2TN = F.linear(x_2TH, router_NH.float()).softmax(dim=-1)
+        self.weights_2TK, self.experts_2TK = torch.topk(self.probs_2TN, top_k, dim=-1)
         if norm_topk_prob:
-            self.weights_TK = self.weights_TK / self.weights_TK.sum(dim=-1, keepdim=True)
-        self.y_TH = torch.zeros_like(x_TH)
+            self.weights_2TK = self.weights_2TK / self.weights_2TK.sum(dim=-1, keepdim=True)
+        self.y_2TH = torch.zeros_like(x_2TH)
 
     def add_expert(self, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
-        tok, slot = (self.experts_TK == e).nonzero(as_tuple=True)
+        tok, slot = (self.experts_2TK == e).nonzero(as_tuple=True)
         if tok.numel():
-            w_C1 = self.weights_TK[tok, slot][:, None]
-            self.y_TH.index_add_(0, tok, w_C1 * _swiglu(self.x_TH[tok], gate, up, down))
+            w_C1 = self.weights_2TK[tok, slot][:, None]
+            self.y_2TH.index_add_(0, tok, w_C1 * _swiglu(self.x_2TH[tok], gate, up, down))
 
     def add_shared(
         self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, shared_gate_1H: torch.Tensor
     ) -> None:
-        g_T1 = torch.sigmoid(F.linear(self.x_TH, shared_gate_1H.float()))
-        self.y_TH += g_T1 * _swiglu(self.x_TH, gate, up, down)
+        g_2T1 = torch.sigmoid(F.linear(self.x_2TH, shared_gate_1H.float()))
+        self.y_2TH += g_2T1 * _swiglu(self.x_2TH, gate, up, down)
 
 
 class InitDistance:
@@ -126,7 +129,7 @@ class InitDistance:
     def _reset_layer(self) -> None:
         self.weights: dict[str, torch.Tensor] = {}
         self.expert: dict[str, torch.Tensor] = {}
-        self.routed: tuple[_Routed, _Routed] | None = None
+        self.routed: _Routed | None = None
         self.ffn_dense: torch.Tensor | None = None
         self.x_moe: torch.Tensor | None = None
 
@@ -138,19 +141,14 @@ class InitDistance:
             self._attention()
         expert = _EXPERT.fullmatch(name)
         if name == "mlp.gate.weight":
-            x_dense = self.x_dense.reshape(-1, self.moe.hidden_size)
             assert self.x_moe is not None
-            self.routed = tuple(  # type: ignore[assignment]
-                _Routed(x, tensor, self.moe.num_experts_per_tok, self.moe.norm_topk_prob)
-                for x in (x_dense, self.x_moe.reshape(-1, self.moe.hidden_size))
-            )
+            x_2TH = torch.cat([self.x_dense, self.x_moe]).reshape(-1, self.moe.hidden_size)
+            self.routed = _Routed(x_2TH, tensor, self.moe.num_experts_per_tok, self.moe.norm_topk_prob)
         elif expert:
             self.expert[expert.group(2)] = tensor
             if len(self.expert) == 3:
                 assert self.routed is not None
-                gate, up, down = (self.expert[p].float() for p in _PROJ)  # upcast once for both streams
-                for r in self.routed:
-                    r.add_expert(int(expert.group(1)), gate, up, down)
+                self.routed.add_expert(int(expert.group(1)), *(self.expert[p] for p in _PROJ))
                 self.expert = {}
         else:  # the shared expert and its gate, or a dense layer's MLP
             self.weights[name] = tensor
@@ -159,10 +157,11 @@ class InitDistance:
         """Attention of both streams; the dense FFN of the dense stream (from the source)."""
         reader = CheckpointReader(self.plan.source)  # a fresh reader: the previous layer's pages go
         p = f"model.layers.{self.layer}."
-        source = {n: reader.get(p + n).float() for n in _ATTENTION}
-        self.h_dense, self.x_dense = self._attention_block(self.h_dense, source)
+        self.h_dense, self.x_dense = self._attention_block(
+            self.h_dense, {n: reader.get(p + n).float() for n in _ATTENTION}
+        )
         self.h_moe, self.x_moe = self._attention_block(
-            self.h_moe, {n: self.weights[n].float() for n in _ATTENTION}
+            self.h_moe, {n: self.weights.pop(n).float() for n in _ATTENTION}
         )
         ffn = [reader.get(f"{p}mlp.{proj}.weight") for proj in _PROJ]
         self.ffn_dense = _swiglu(self.x_dense, *ffn)
@@ -187,23 +186,24 @@ class InitDistance:
         if self.routed is None:  # a layer that stays dense
             y_moe = _swiglu(self.x_moe, *(self.weights[f"mlp.{p}.weight"] for p in _PROJ))
         else:
-            gate, up, down = (self.weights[f"mlp.shared_expert.{p}.weight"].float() for p in _PROJ)
-            for r in self.routed:
-                r.add_shared(gate, up, down, self.weights["mlp.shared_expert_gate.weight"])
-            self.layers.append(self._layer_stats(self.routed[0], ffn_BLH))
-            y_moe = self.routed[1].y_TH.view_as(self.h_moe)
+            gate, up, down = (self.weights[f"mlp.shared_expert.{p}.weight"] for p in _PROJ)
+            self.routed.add_shared(gate, up, down, self.weights["mlp.shared_expert_gate.weight"])
+            t = self.h_dense.shape[0] * self.h_dense.shape[1]
+            self.layers.append(self._layer_stats(self.routed, t, ffn_BLH))
+            y_moe = self.routed.y_2TH[t:].view_as(self.h_moe)
         self.h_dense = self.h_dense + ffn_BLH
         self.h_moe = self.h_moe + y_moe
         self._reset_layer()
         self.layer = -1
 
-    def _layer_stats(self, routed: _Routed, ffn_BLH: torch.Tensor) -> dict[str, Any]:
-        ffn_TH = ffn_BLH.reshape(routed.y_TH.shape).double()
-        n, t, k = self.moe.num_experts, ffn_TH.shape[0], self.moe.num_experts_per_tok
-        error = (routed.y_TH.double() - ffn_TH).norm() / ffn_TH.norm().clamp_min(1e-30)
-        p = routed.probs_TN.double()
+    def _layer_stats(self, routed: _Routed, t: int, ffn_BLH: torch.Tensor) -> dict[str, Any]:
+        """The dense stream's numbers: the first `t` rows of `routed`."""
+        n, k = self.moe.num_experts, self.moe.num_experts_per_tok
+        ffn_TH = ffn_BLH.reshape(t, -1).double()
+        error = (routed.y_2TH[:t].double() - ffn_TH).norm() / ffn_TH.norm().clamp_min(1e-30)
+        p = routed.probs_2TN[:t].double()
         entropy = -(p * p.clamp_min(1e-30).log()).sum(-1).mean()
-        load_N = torch.bincount(routed.experts_TK.flatten(), minlength=n)
+        load_N = torch.bincount(routed.experts_2TK[:t].flatten(), minlength=n)
         return {
             "layer": self.layer,
             "ffn_relative_error": float(error),

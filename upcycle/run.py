@@ -52,7 +52,7 @@ from upcycle.writer import PlannedShardWriter
 REPORT_NAME = "upcycle_report.json"
 REPORT_VERSION = 1
 PREFETCH_TENSORS = 16  # expert tensors built ahead of the writer (about 6 MB each at A2.7B)
-DISTANCE_LAG_TENSORS = 32  # tensors the init-distance thread may lag behind the writer
+DISTANCE_LAG_TENSORS = 8  # tensors the init-distance thread may lag behind the writer
 
 
 def source_fingerprint(source: str | Path) -> str:

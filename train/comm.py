@@ -50,10 +50,11 @@ class Comm:
         self.world = dist.get_world_size()
 
     @classmethod
-    def init(cls, device_name: str = "auto") -> Comm:
-        """Bind the device, then join (or, without a launcher, create) the default process group."""
+    def init(cls, device_name: str = "auto", timeout_s: float = 1800.0) -> Comm:
+        """Bind the device, then join (or, without a launcher, create) the default process group, whose
+        collectives give up after `timeout_s` (a dead rank must end the job, not hang it)."""
         device = bind_device(device_name)
-        ds.init_distributed(device)
+        ds.init_distributed(device, timeout_s)
         return cls(device)
 
     def _placed(self, t: torch.Tensor | float | list[float]) -> torch.Tensor:

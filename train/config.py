@@ -185,6 +185,9 @@ class TrainConfig:
     """Steps with a non-finite loss or gradient are skipped; this many in a row stops the run."""
     device: str = "auto"
     """auto | cpu | cuda."""
+    dist_timeout_s: float = 1800.0
+    """How long a collective waits for the other ranks before the process group gives up and the job
+    ends (a dead or stuck rank, e.g. one lost on another node, which no launcher there can see)."""
     stop_at_step: int | None = None
     """Stop after this step with a checkpoint, as a preemption would (scheduled pauses, tests)."""
     activation_checkpointing: bool = False
@@ -229,6 +232,8 @@ class TrainConfig:
             part.validate()
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step <= 0:
             raise ValueError(f"stop_at_step must be positive or null, got {self.stop_at_step}")
         ep = self.parallel.ep_size

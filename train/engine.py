@@ -23,6 +23,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import socket
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 ADAM_STATES = ("exp_avg", "exp_avg_sq")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
+def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> tuple[int, int]:
     """Join (or, for a plain `python -m train`, create) the default process group. Returns (rank, world).
 
     On CUDA the caller has already made `device` current (`train.comm.bind_device`): NCCL binds its
@@ -66,7 +67,10 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if device.type == "cpu":
             _skip_shm_all_reduce_op()
         deepspeed.init_distributed(
-            dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False, verbose=False
+            dist_backend="nccl" if device.type == "cuda" else "gloo",
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
         )
     return dist.get_rank(), dist.get_world_size()
 

@@ -40,6 +40,9 @@ from train.metrics import expert_load, flops_per_token, load_fractions, peak_tfl
 from train.objective import Objective, update_selection_bias
 from train.schedule import lr_lambda
 
+FAULT_KILL = "FINEMOE_FAULT_KILL"
+"""`RANK:STEP`: that rank SIGKILLs itself as the step starts (tests of a rank lost mid-run)."""
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -83,7 +86,7 @@ class Trainer:
         if int(os.environ.get("RANK", "0")) == 0:
             for warning in cfg.warnings(expected):
                 print(f"warning: {warning}", file=sys.stderr)
-        self.comm = Comm.init(cfg.device)
+        self.comm = Comm.init(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.device, self.rank, self.world = self.comm.device, self.comm.rank, self.comm.world
         if self.world != world:
             cfg.validate(self.world)
@@ -254,6 +257,8 @@ class Trainer:
         data_iter = iter(self.loader)
         progress = self._progress()
         while self.step < cfg.max_steps:
+            if os.environ.get(FAULT_KILL) == f"{self.rank}:{self.step + 1}":  # crash tests: a rank dies
+                os.kill(os.getpid(), signal.SIGKILL)
             metrics, load_LE = self.train_step(data_iter)
             self.step += 1
             if self.rank == 0 and progress is not None:

@@ -9,9 +9,10 @@
 3. Runs `python -m upcycle` (the default recipe) as a child process, fsyncs its output, and reports
    the wall time (interpreter start included) and the child's peak RSS from `wait4` (`ru_maxrss`,
    which counts memory-mapped source pages too, and the parent's RSS at spawn time: the parent
-   stays small, step 1 runs in a child of its own). The run measures the init distance on the
-   default calibration tokens (random ids: the source has no tokenizer) unless
-   `--calibration-sequences 0`; its summary is the last row.
+   stays small, step 1 runs in a child of its own), its CPU time (user + sys, which a machine
+   shared with other jobs does not inflate as it does the wall time) and the load average around
+   it. The run measures the init distance on the default calibration tokens (random ids: the source
+   has no tokenizer) unless `--calibration-sequences 0`; its summary is the last row.
 
 Targets (issue 4): peak RSS <= 3 GB, wall time <= 2x the plain write. `--num-layers` cuts the depth
 when the disk is too small for 3.7 + 28.6 GB (each layer is about 1.15 GB of output); the table then
@@ -91,8 +92,8 @@ def plain_write(num_bytes: int, out: Path, shard_bytes: int) -> float:
     return elapsed
 
 
-def run_upcycle(src: Path, out: Path, strategy: str, calibration_sequences: int) -> tuple[float, int]:
-    """(wall seconds including the output's fsync, peak RSS bytes) of `python -m upcycle`."""
+def run_upcycle(src: Path, out: Path, strategy: str, calibration_sequences: int) -> tuple[float, int, float]:
+    """(wall seconds including the output's fsync, peak RSS bytes, CPU seconds) of `python -m upcycle`."""
     cmd = [
         sys.executable,
         "-m",
@@ -110,7 +111,7 @@ def run_upcycle(src: Path, out: Path, strategy: str, calibration_sequences: int)
     if child.returncode:
         raise SystemExit(f"upcycle failed with status {child.returncode}")
     fsync_dir(out)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024
+    return time.perf_counter() - start, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def full_depth_bytes(strategy: str) -> int:
@@ -157,7 +158,9 @@ def main() -> None:
         )
 
     plain_before = plain_write(out_bytes, plain, ucfg.max_shard_bytes)
-    up_s, rss = run_upcycle(src, out, args.strategy, args.calibration_sequences)
+    load_before = os.getloadavg()[0]
+    up_s, rss, cpu_s = run_upcycle(src, out, args.strategy, args.calibration_sequences)
+    load_after = os.getloadavg()[0]
     distance = json.loads((out / "upcycle_report.json").read_text())["init_distance"]
     plain_after = plain_write(out_bytes, plain, ucfg.max_shard_bytes)
     plain_s = (plain_before + plain_after) / 2
@@ -190,6 +193,8 @@ def main() -> None:
             "upcycle wall time (CLI, incl. start and fsync)",
             f"{up_s:.1f} s ({out_bytes / up_s / GB:.2f} GB/s)",
         ),
+        ("upcycle CPU time (user + sys)", f"{cpu_s:.1f} s"),
+        ("load average (1 min) before / after the upcycle", f"{load_before:.1f} / {load_after:.1f}"),
         ("ratio upcycle / plain write", f"{up_s / plain_s:.2f} (target <= 2)"),
         ("peak RSS (upcycle process)", f"{rss / GB:.2f} GB (target <= 3)"),
         ("init distance (in the run above)", summary_line(distance)),

@@ -13,8 +13,11 @@ Design choices:
 - `InitDistance.add` consumes the output tensors in file order, as the shard writer does, and keeps
   only what the current layer still needs (its attention weights and one expert at a time); the
   source is read a layer at a time. The LM head, a copied tensor, is read from the source in row
-  chunks and cast to the output dtype, which is what the run writes, at the end (`result`). No model is ever assembled, so the whole-model numbers cost no
-  memory at any size and are always measured.
+  chunks at the end (`result`) and cast to the output dtype, which is what the run writes. No
+  model is ever assembled, so the whole-model numbers cost little memory at any size and are
+  always measured.
+- Both streams go through an MoE layer stacked as one batch of 2T rows (`_Routed`), so each stored
+  weight is upcast once and no fp32 copy outlives its product.
 - Every product is computed in fp32 from the stored tensors (bf16 weights are upcast), with the
   router in fp32 as transformers computes it for fp32 models: an exact strategy reads ~1e-7.
 """

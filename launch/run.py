@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import shlex
@@ -211,12 +212,8 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
         trainers = trainer_processes(proc.pid)
         targets = trainers or [proc]
         for p in targets:
-            try:
+            with contextlib.suppress(Exception):  # psutil.NoSuchProcess, OSError: it has exited already
                 p.send_signal(signum)
-            except (OSError, ProcessLookupError):
-                pass
-            except Exception:  # noqa: BLE001 (psutil.NoSuchProcess: it has exited already)
-                pass
         what = f"{len(trainers)} trainers" if trainers else "the launcher (no trainer has started)"
         print(f"launch.run: signal {signum} forwarded to {what}", file=sys.stderr, flush=True)
 

@@ -22,8 +22,9 @@ Design choices:
   rename; older checkpoints are pruned only after it. `keep_last` counts the current branch only,
   in save order, so it never deletes what it just wrote nor keeps an abandoned branch instead.
 - All or nothing on every rank: each rank records its own failure (a full disk, an I/O error) and
-  keeps joining the collectives; one flag reduced per parameter stops every rank at the same point,
-  every rank raises, the temporary directory is removed and the previous checkpoint stays.
+  keeps joining the collectives; a flag reduced after every 64 MiB of gathered state stops every rank
+  at the same parameter, every rank raises, the temporary directory is removed and the previous
+  checkpoint stays.
 - Resuming checks the sizes of the chosen checkpoint's files (stat only, rank 0) and, while reading,
   the sha256 of each file read; a damaged checkpoint is reported and the next older one of the
   branch is used.
@@ -54,15 +55,31 @@ from moe.hf import CheckpointReader
 from moe.router import TopKRouter
 from train import checkpoint_store as store
 from train import engine as ds
+from train.checkpoint_branches import (  # noqa: F401 (re-exported: the checkpoint API is one module)
+    ABANDONED,
+    META,
+    STEP_PREFIX,
+    candidates,
+    checkpoint_id,
+    checkpoint_root,
+    clean_stale,
+    damage,
+    list_complete,
+    move_aside_other_branches,
+    prune,
+    read_meta,
+    resolve_resume,
+)
 from train.checkpoint_store import CheckpointError
 
 if TYPE_CHECKING:
     from train.comm import Comm
 
-META = "meta.json"
-STEP_PREFIX = "step_"
-ABANDONED = "abandoned"
 KINDS = ("fp32", *ds.ADAM_STATES)
+CHECK_BYTES = 64 * 1024**2
+"""A save checks for a failure on any rank after each this much gathered state (and at the end)."""
+BUCKET_BYTES = 64 * 1024**2
+"""A resume sums this much state over a group in one all-reduce (a larger parameter alone)."""
 FAULT_IN_SAVE = "FINEMOE_FAULT_IN_SAVE"
 """Tests: the process dies (exit 17) in the save of this step, after writing its shards."""
 FAULT_ENOSPC = "FINEMOE_FAULT_ENOSPC"
@@ -87,91 +104,6 @@ class Restored:
     path: Path
     id: str
     meta: dict[str, Any]
-
-
-def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name[len(STEP_PREFIX) :])
-
-
-def _is_step_dir(path: Path) -> bool:
-    return path.name.startswith(STEP_PREFIX) and path.name[len(STEP_PREFIX) :].isdigit() and path.is_dir()
-
-
-def list_complete(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run's current branch, oldest first."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if _is_step_dir(p) and (p / META).is_file()), key=_step_of)
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    try:
-        return json.loads((ckpt / META).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: {META} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {ckpt}: {META} is corrupt ({e})") from None
-
-
-def damage(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be restored, from its meta.json and file sizes alone; None if it looks whole."""
-    try:
-        meta = read_meta(ckpt)
-    except CheckpointError as e:
-        return str(e)
-    problem = store.size_problem(ckpt, meta.get("files", {}))
-    return None if problem is None else f"checkpoint {ckpt} is damaged: {problem}"
-
-
-def candidates(resume: str, run_dir: str | Path, log: Any = None) -> list[Path]:
-    """Checkpoints to try, in order, for `checkpoint.resume`: `auto` (and a run directory) gives the
-    current branch's complete checkpoints newest first, skipping (and reporting to `log`) those whose
-    files are missing or of the wrong size; `none` gives none; a checkpoint directory gives itself.
-
-    Raises:
-        ValueError: an unknown path, an incomplete or damaged checkpoint directory, or a run whose
-            every checkpoint is damaged.
-    """
-    if resume == "none":
-        return []
-    path = Path(run_dir) if resume == "auto" else Path(resume)
-    if resume != "auto" and (path / META).is_file():
-        problem = damage(path)
-        if problem:
-            raise ValueError(problem)
-        return [path]
-    done = list_complete(path)[::-1]
-    if not done:
-        if resume == "auto":
-            return []
-        if (path / "checkpoints").is_dir():
-            raise ValueError(f"run directory {path} holds no complete checkpoint")
-        if path.is_dir():
-            raise ValueError(f"checkpoint {path} is incomplete: {META} is missing (the save did not finish)")
-        raise ValueError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
-    good, problems = [], []
-    for ckpt in done:
-        problem = damage(ckpt)
-        if problem:
-            problems.append(problem)
-            if log is not None:
-                print(f"{problem}; skipping it", file=log)
-        else:
-            good.append(ckpt)
-    if not good:
-        raise ValueError(f"every checkpoint of {path} is damaged: " + "; ".join(problems))
-    return good
-
-
-def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:
-    """The checkpoint `checkpoint.resume` names (see `candidates`): the first candidate, or None."""
-    found = candidates(resume, run_dir, log=sys.stderr)
-    return found[0] if found else None
 
 
 def state_key(name: str, kind: str, expert: int | None = None) -> str:
@@ -291,7 +223,7 @@ def save(
     if comm.rank == 0:
         try:
             stats = _commit(tmp, final, root, dict(meta, step=step), engine, comm, ckpt_id.decode(), parent)
-            _prune(root, final, keep_last)
+            prune(root, final, keep_last)
             gb = sum(stats["bytes_per_rank"]) / 1e9
             print(
                 f"checkpoint {final}: {gb:.3f} GB from {comm.world} ranks, {max(stats['seconds_per_rank']):.1f} s "
@@ -343,7 +275,8 @@ def _write_state(
         writers.append(experts)
     ds.link_optimizer_state(engine)
     error: BaseException | None = None
-    for name, param in params:
+    since_check = 0
+    for n, (name, param) in enumerate(params):
         state = ds.full_state(engine, param)  # collective over the parameter's (E)DP group
         if error is None:
             try:
@@ -363,8 +296,11 @@ def _write_state(
             except Exception as e:  # noqa: BLE001 (kept, and reported on every rank)
                 error = e
         del state
-        if comm.any(error is not None):  # every rank stops at the same parameter
+        # the same sizes on every rank: every rank checks after the same parameters, and stops there
+        since_check += param.numel() * len(KINDS) * 4
+        if (since_check >= CHECK_BYTES or n == len(params) - 1) and comm.any(error is not None):
             break
+        since_check = 0 if since_check >= CHECK_BYTES else since_check
     for w in writers:
         if error is None:
             try:
@@ -446,94 +382,10 @@ def _commit(
         store.fsync_dir(tmp / sub)
     store.write_file(tmp / META, (json.dumps(meta, indent=2, default=str) + "\n").encode())
     store.fsync_dir(tmp)
-    _move_aside_other_branches(root, final, parent)
+    move_aside_other_branches(root, final, parent)
     os.rename(tmp, final)
     store.fsync_dir(root)
     return stats
-
-
-# ---- branches ------------------------------------------------------------------------------------
-
-
-def _lineage(root: Path) -> dict[str, tuple[Path, str | None]]:
-    """id -> (directory, parent id) of every complete checkpoint under `root` (current and abandoned).
-
-    Checkpoints written before ids existed get `legacy:<dir name>` and, as parent, the previous one of
-    their directory.
-    """
-    dirs = [p for p in root.iterdir() if _is_step_dir(p)] if root.is_dir() else []
-    abandoned = root / ABANDONED
-    if abandoned.is_dir():
-        dirs += [p for b in abandoned.iterdir() if b.is_dir() for p in b.iterdir() if _is_step_dir(p)]
-    out: dict[str, tuple[Path, str | None]] = {}
-    legacy: dict[Path, list[Path]] = {}
-    for p in dirs:
-        try:
-            meta = read_meta(p)
-        except CheckpointError:
-            continue
-        if "id" in meta:
-            out[meta["id"]] = (p, meta.get("parent"))
-        else:
-            legacy.setdefault(p.parent, []).append(p)
-    for ps in legacy.values():
-        ps.sort(key=_step_of)
-        for prev, p in zip([None, *ps], ps):
-            out[f"legacy:{p.name}"] = (p, None if prev is None else f"legacy:{prev.name}")
-    return out
-
-
-def checkpoint_id(ckpt: Path, meta: dict[str, Any]) -> str:
-    return meta.get("id") or f"legacy:{ckpt.name}"
-
-
-def _ancestors(lineage: dict[str, tuple[Path, str | None]], parent: str | None) -> set[Path]:
-    seen: set[str] = set()
-    out: set[Path] = set()
-    while parent is not None and parent in lineage and parent not in seen:
-        seen.add(parent)
-        path, parent = lineage[parent]
-        out.add(path)
-    return out
-
-
-def _move_aside_other_branches(root: Path, final: Path, parent: str | None) -> None:
-    """Move every step directory that is not an ancestor of the new checkpoint to `abandoned/`."""
-    keep = _ancestors(_lineage(root), parent)
-    others = sorted((p for p in root.iterdir() if _is_step_dir(p) and p not in keep), key=_step_of)
-    if not others:
-        return
-    origin = "scratch"
-    if parent is not None:
-        lineage = _lineage(root)
-        origin = lineage[parent][0].name if parent in lineage else parent
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    dest = root / ABANDONED / f"{stamp}_{final.name}_from_{origin}"
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in others:
-        os.rename(p, dest / p.name)
-    store.fsync_dir(dest)
-    names = ", ".join(p.name for p in others)
-    print(f"checkpoints: {final.name} continues {origin}; the other branch ({names}) moved to {dest}")
-
-
-def _prune(root: Path, final: Path, keep_last: int) -> None:
-    """Delete the current branch's checkpoints beyond the newest `keep_last` (save order)."""
-    lineage = _lineage(root)
-    meta = read_meta(final)
-    chain = sorted(_ancestors(lineage, meta.get("parent")) | {final}, key=_step_of)
-    chain = [p for p in chain if p.parent == root]
-    for old in chain[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def clean_stale(run_dir: str | Path) -> list[Path]:
-    """Remove temporary directories left by saves that never completed. Returns them."""
-    root = checkpoint_root(run_dir)
-    stale = [p for p in root.glob(f".{STEP_PREFIX}*.tmp") if p.is_dir()] if root.is_dir() else []
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
 
 
 # ---- restore -------------------------------------------------------------------------------------
@@ -606,56 +458,99 @@ def load(engine: Any, model: torch.nn.Module, ckpt: Path, comm: Comm) -> dict[st
 
 
 def _load_tensors(engine: Any, model: torch.nn.Module, ckpt: Path, meta: dict[str, Any], comm: Comm) -> None:
-    """Each rank reads whole files (its share of the group's), contributions are summed over the group."""
+    """Each rank reads whole files (its share of the group's); contributions are summed over the group,
+    one all-reduce per bucket of parameters (with the bucket's failure flag as its last element)."""
     index = store.read_index(ckpt)
     owners = _owners(model)
     params = list(model.named_parameters())
     plans = {n: _logical(n, p, owners.get(n)) for n, p in params}
     files = meta["files"]
     dense_keys = [k for n, _ in params if n not in owners for _, kns in plans[n] for k, _ in kns]
-    dense = store.GroupReader(ckpt, index, files, dense_keys, comm.rank, comm.world)
-    experts, edp = None, None
+    readers = {"dense": store.GroupReader(ckpt, index, files, dense_keys, comm.rank, comm.world)}
+    groups: dict[str, Any] = {"dense": None}
     if owners:
         ep_group_name = _expert_group_name(model)
         _, edp_rank = ds.ep_info(ep_group_name)
-        edp = ds.edp_group(ep_group_name) if ep_group_name else None
-        edp_size = comm.world_size(edp) if edp is not None else comm.world
+        groups["experts"] = ds.edp_group(ep_group_name) if ep_group_name else None
+        edp_size = comm.world_size(groups["experts"]) if groups["experts"] is not None else comm.world
         expert_keys = [k for n, _ in params if n in owners for _, kns in plans[n] for k, _ in kns]
-        experts = store.GroupReader(ckpt, index, files, expert_keys, edp_rank, edp_size)
+        readers["experts"] = store.GroupReader(ckpt, index, files, expert_keys, edp_rank, edp_size)
+
+    # What is stored, checked on every rank before any collective (a group may see what others do not).
+    items: dict[str, list[tuple[torch.nn.Parameter, list[list[str]], list[str]]]] = {g: [] for g in readers}
+    problem, code = None, 0.0
+    for name, param in params:
+        reader = readers["dense" if name not in owners else "experts"]
+        shape = tuple(param.shape if name not in owners else param.shape[1:])
+        kinds, keys = [], []
+        for kind, kns in plans[name]:
+            present = [k in reader.present for k, _ in kns]
+            if not all(present):
+                if (kind == "fp32" or any(present)) and problem is None:
+                    missing = next(k for (k, _), p in zip(kns, present) if not p)
+                    problem, code = f"checkpoint {ckpt}: tensor {missing!r} is missing", 1.0
+                continue  # no moments stored (saved before the first optimizer step)
+            bad = [k for k, _ in kns if reader.shapes[k] != shape]
+            if bad and code < 2:
+                got = list(reader.shapes[bad[0]])
+                problem, code = (
+                    f"checkpoint {ckpt}: {bad[0]} has shape {got}, model expects {list(shape)}",
+                    2.0,
+                )
+            kinds.append(kind)
+            keys.append([k for k, _ in kns])
+        items["dense" if name not in owners else "experts"].append((param, keys, kinds))
+    agreed = int(comm.max(code).item())
+    if agreed:
+        why = problem or f"checkpoint {ckpt} does not match the model (found by another rank)"
+        raise (ValueError if agreed == 2 else CheckpointError)(why)
+
     ds.prepare_optimizer_state(engine, int(meta.get("adam_step", 0)))
     failure: str | None = None
-    for name, param in params:
-        owner = owners.get(name)
-        reader, group = (dense, None) if owner is None else (experts, edp)
-        assert reader is not None
-        shape = tuple(param.shape if owner is None else param.shape[1:])
-        state: dict[str, torch.Tensor] = {}
-        for kind, keys in plans[name]:
-            present = [k in reader.present for k, _ in keys]
-            if not all(present):
-                if kind == "fp32" or any(present):
-                    missing = next(k for (k, _), p in zip(keys, present) if not p)
-                    raise CheckpointError(f"checkpoint {ckpt}: tensor {missing!r} is missing")
-                continue  # no moments stored (saved before the first optimizer step)
-            for k, _ in keys:
-                if reader.shapes[k] != shape:
-                    raise ValueError(
-                        f"checkpoint {ckpt}: {k} has shape {list(reader.shapes[k])}, model expects {list(shape)}"
-                    )
-            full = torch.zeros(param.numel(), dtype=torch.float32, device=comm.device)
+    for group_name, reader in readers.items():
+        for bucket in _buckets(items[group_name], BUCKET_BYTES):
+            flat = torch.zeros(sum(p.numel() * len(kinds) for p, _, kinds in bucket) + 1, device=comm.device)
             if failure is None:
                 try:
-                    per = param.numel() // len(keys)
-                    for i, (k, _) in enumerate(keys):
-                        for start, seg in reader.segments(k):
-                            at = i * per + start
-                            full[at : at + seg.numel()].copy_(seg)
+                    at = 0
+                    for param, keys, _ in bucket:
+                        for per_kind in keys:
+                            per = param.numel() // len(per_kind)
+                            for i, k in enumerate(per_kind):
+                                for start, seg in reader.segments(k):
+                                    flat[at + i * per + start : at + i * per + start + seg.numel()].copy_(seg)
+                            at += param.numel()
                 except Exception as e:  # noqa: BLE001 (damage seen by one rank stops all of them)
                     failure = str(e)
-            state[kind] = comm.sum(full, group=group).view(param.shape)
-        if comm.any(failure is not None):
-            raise CheckpointError(failure or f"checkpoint {ckpt} is damaged (found by another rank)")
-        ds.set_full_state(engine, param, state)
+            flat[-1] = float(failure is not None)
+            flat = comm.sum(flat, group=groups[group_name])
+            if failure is not None or flat[-1].item() > 0:
+                failure = failure or f"checkpoint {ckpt} is damaged (found by another rank)"
+                continue
+            at = 0
+            for param, _, kinds in bucket:
+                state = {}
+                for kind in kinds:
+                    state[kind] = flat[at : at + param.numel()].view(param.shape)
+                    at += param.numel()
+                ds.set_full_state(engine, param, state)
+    if comm.any(failure is not None):
+        raise CheckpointError(failure or f"checkpoint {ckpt} is damaged (found by another rank)")
+
+
+def _buckets(items: list[Any], max_bytes: int) -> list[list[Any]]:
+    """Consecutive parameters, about `max_bytes` of fp32 state per bucket (a larger one alone)."""
+    out: list[list[Any]] = []
+    size = max_bytes
+    for item in items:
+        param, _, kinds = item
+        nbytes = param.numel() * len(kinds) * 4
+        if size + nbytes > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += nbytes
+    return out
 
 
 def _expert_group_name(model: torch.nn.Module) -> str | None:

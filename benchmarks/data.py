@@ -93,7 +93,7 @@ def bench_loader(tokenizer, prepared: str, cache: str, seq_len: int, batch: int,
     ]
     for name, overrides in variants:
         cfg = DataConfig(
-            seq_len=seq_len, cache_dir=cache, prepared_dir=prepared, eval_fraction=0.0, **overrides
+            seq_len=seq_len, cache_dir=cache, prepared_dir=prepared, **overrides
         )
         loader = build_loader(cfg, tokenizer, micro_batch_size=batch)
         next(loader)

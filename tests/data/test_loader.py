@@ -141,7 +141,7 @@ def test_state_of_another_sequence_is_rejected(cfg, tokenizer) -> None:
 
 def _doc_numbers(tokenizer, stream) -> list[int]:
     """The `doc N:` numbers of the documents in a stream (make_docs numbers its documents)."""
-    tokens = stream.store.read(0, stream.store.num_tokens)
+    tokens = stream.store.read(stream.start, stream.start + stream.num_tokens)
     ends = np.flatnonzero(tokens == tokenizer.eos_token_id)
     texts = [tokenizer.decode(d) for d in np.split(tokens, ends + 1)[:-1]]
     return [int(t.split(":", 1)[0].removeprefix("doc ")) for t in texts]

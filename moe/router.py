@@ -5,8 +5,12 @@ Shape legend: T tokens, H hidden, E routed experts, K experts per token.
 Design choices:
 - Logits, softmax and top-k are fp32 whatever the model dtype (transformers computes the logits in
   the model dtype; in fp32 models the two agree bit for bit, in bf16 ours are more precise).
-- An optional per-expert `selection_bias_E` (DeepSeek-V3 auxiliary-loss-free balancing) shifts the
-  scores used to *select* experts only; the combine weights stay the unbiased probabilities.
+- An optional per-expert `selection_bias_E` (DeepSeek-V3 auxiliary-loss-free balancing) is added to
+  the *logits* used to select experts only; the combine weights stay the unbiased probabilities.
+  Logits, not probabilities: softmax probabilities spread over tokens about 1/E as much as the
+  logits do, so a bias step on them would act E times harder and its useful rate would depend on
+  the number of experts (docs/balancing.md measures this). top-k of logits + bias equals top-k of
+  softmax(logits + bias): the bias multiplies each expert's odds by exp(bias).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ class TopKRouter(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         # HF name: `mlp.gate.weight` [E, H]
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        # Aux-loss-free balancing bias; zeros (a no-op) unless the trainer updates it.
+        # Aux-loss-free balancing bias in logit units; zeros (a no-op) unless the trainer updates it.
         self.selection_bias: torch.Tensor
         self.register_buffer("selection_bias", torch.zeros(num_experts), persistent=True)
         self.use_selection_bias = False  # a Python flag, not `.any()`: no host sync in forward
@@ -57,7 +61,7 @@ class TopKRouter(nn.Module):
         logits_TE = F.linear(x_TH.float(), self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         if self.use_selection_bias:
-            _, experts_TK = torch.topk(probs_TE + self.selection_bias, self.top_k, dim=-1)
+            _, experts_TK = torch.topk(logits_TE + self.selection_bias, self.top_k, dim=-1)
             weights_TK = probs_TE.gather(-1, experts_TK)
         else:
             weights_TK, experts_TK = torch.topk(probs_TE, self.top_k, dim=-1)

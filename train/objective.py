@@ -96,8 +96,12 @@ class Objective:
 def update_selection_bias(routers_modules, load_E_per_layer: list[torch.Tensor], rate: float) -> None:
     """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones.
 
-    `load_E_per_layer[l]` are the step's assignment counts (summed over ranks) of MoE layer l.
+    `load_E_per_layer[l]` are the step's assignment counts (summed over ranks) of MoE layer l; `rate`
+    is the step in logit units. The bias is kept at mean zero: top-k ignores a shift common to all
+    experts, and without it sign steps drift the mean whenever more experts are under- than over-loaded.
     """
     for router, load_E in zip(routers_modules, load_E_per_layer):
-        router.selection_bias += rate * torch.sign(load_E.mean() - load_E).to(router.selection_bias)
+        bias_E = router.selection_bias
+        bias_E += rate * torch.sign(load_E.mean() - load_E).to(bias_E)
+        bias_E -= bias_E.mean()
         router.use_selection_bias = True

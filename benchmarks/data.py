@@ -92,9 +92,7 @@ def bench_loader(tokenizer, prepared: str, cache: str, seq_len: int, batch: int,
         ("prefetch thread (2 batches)", dict(prefetch_batches=2)),
     ]
     for name, overrides in variants:
-        cfg = DataConfig(
-            seq_len=seq_len, cache_dir=cache, prepared_dir=prepared, **overrides
-        )
+        cfg = DataConfig(seq_len=seq_len, cache_dir=cache, prepared_dir=prepared, **overrides)
         loader = build_loader(cfg, tokenizer, micro_batch_size=batch)
         next(loader)
         steps, t0 = 0, time.perf_counter()

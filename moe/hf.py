@@ -255,12 +255,19 @@ def read_param(reader: CheckpointReader, name: str, shape: tuple[int, ...]) -> t
     return reader.get(name, shape)
 
 
+SELECTION_BIAS_HF = "e_score_correction_bias"
+"""Name under which exports write a router's selection bias (`model.layers.N.mlp.gate.<this>`)."""
+
+
 def _accepted_hf_keys(cfg: ModelConfig) -> set[str]:
     keys = set(expected_hf_shapes(cfg))
     keys.add("lm_head.weight")  # also present (and ignored) in some tied checkpoints
     for i in cfg.moe_layers:
         p = f"model.layers.{i}.mlp."
         keys |= {p + "experts.gate_up_proj", p + "experts.down_proj"}
+        keys.add(
+            p + "gate." + SELECTION_BIAS_HF
+        )  # ours: the routers' aux-loss-free bias (transformers ignores it)
         if cfg.shared_expert_intermediate_size == 0:  # transformers writes 0-width shared experts
             keys |= {p + f"shared_expert.{n}.weight" for n in ("gate_proj", "up_proj", "down_proj")}
             keys.add(p + "shared_expert_gate.weight")
@@ -283,6 +290,11 @@ def load_hf_weights(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
         for name, param in model.named_parameters():
             value = read_param(reader, name, tuple(param.shape))
             param.copy_(value.to(param.dtype))
+        for name, module in model.named_modules():
+            key = f"{name}.{SELECTION_BIAS_HF}"
+            if hasattr(module, "selection_bias") and key in reader:
+                module.selection_bias.copy_(reader.get(key, tuple(module.selection_bias.shape)).float())
+                module.use_selection_bias = bool(module.selection_bias.any())
 
 
 def from_pretrained(

@@ -105,3 +105,21 @@ def test_total_loss_matches_transformers(case, tmp_path):
     torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-6, atol=1e-7)
     # the aux term is visible at this tolerance: a loss without it would fail
     assert (ref.config.router_aux_loss_coef * want.aux_loss).abs() > 1e-4
+
+
+def test_import_reads_the_routers_selection_bias(tmp_path):
+    """An export of a run with aux-loss-free balancing carries `mlp.gate.e_score_correction_bias`;
+    `init_from` such an export restores the bias (transformers itself ignores the key)."""
+    from safetensors.torch import load_file, save_file
+
+    ref = make_hf_model("moe_shared")
+    ref.save_pretrained(tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(path)
+    bias = torch.linspace(-0.5, 0.5, ref.config.num_experts)
+    tensors["model.layers.1.mlp.gate.e_score_correction_bias"] = bias
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours = from_pretrained(tmp_path, expert_backend="torch")
+    router = ours.model.layers[1].mlp.gate
+    assert torch.equal(router.selection_bias, bias) and router.use_selection_bias
+    assert not ours.model.layers[0].mlp.gate.use_selection_bias

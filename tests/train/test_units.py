@@ -51,7 +51,7 @@ def test_aux_loss_free_bias_moves_towards_balance():
         out = router(x)
         load = torch.bincount(out.experts_TK.reshape(-1), minlength=8).float()
         imbalance.append(expert_load(load[None])["load_max_over_mean"])
-        update_selection_bias([router], [load], rate=0.002)
+        update_selection_bias([router], [load], rate=0.02)
     assert imbalance[0] > 3.0
     assert max(imbalance[-20:]) < 1.5
     out = router(x)  # combine weights stay the unbiased probabilities

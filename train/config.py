@@ -122,7 +122,8 @@ class MoETrainConfig:
     balance_scope: BalanceScope = BalanceScope.micro_batch
     """Over which tokens the load-balancing loss counts expert assignments."""
     bias_update_rate: float = 0.0
-    """DeepSeek-V3 auxiliary-loss-free balancing: per-step bias change towards balance; 0 disables."""
+    """DeepSeek-V3 auxiliary-loss-free balancing: the per-step change, in router-logit units, of each
+    expert's selection bias towards balance (working range 0.003-0.03, docs/balancing.md); 0 disables."""
 
 
 @dataclass(kw_only=True)

@@ -25,7 +25,6 @@ from data.config import Split
 from data.loader import build_loader
 from data.tokenizer import check_vocab, load_tokenizer
 from moe.config import ModelConfig
-from moe.experts import check_grouped_mm_alignment
 from moe.hf import from_pretrained
 from moe.model import Qwen2MoEForCausalLM
 from moe.router import TopKRouter
@@ -95,19 +94,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
         self.model = build_model(cfg, self.device)
         self.mcfg: ModelConfig = self.model.config
-        if (
-            cfg.init_from is not None
-            and cfg.parallel.ep_size > 1
-            and self.mcfg.num_experts % cfg.parallel.ep_size
-        ):
-            raise ValueError(
-                f"parallel.ep_size={cfg.parallel.ep_size} must divide num_experts={self.mcfg.num_experts}"
-            )
         check_vocab(self.tokenizer, self.mcfg.vocab_size)
         bf16 = cfg.uses_bf16()
-        if self.mcfg.is_moe:  # init_from models are checked here, configured ones in validate() too
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            check_grouped_mm_alignment(self.mcfg.hidden_size, self.mcfg.moe_intermediate_size, dtype)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.ep_group_name = ds.shard_experts(self.model, cfg.parallel.ep_size)
         self.engine = ds.build_engine(
@@ -168,6 +156,8 @@ class Trainer:
             self.callbacks += callbacks or []
         self.step = 0
         self.tokens_seen = 0
+        self.checkpoint_parent: str | None = None
+        """Id of the checkpoint this run continues (resumed or last saved): the next save's parent."""
         self._stop_signal: int | None = None
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
@@ -225,7 +215,7 @@ class Trainer:
             meta,
             self.ep_group_name,
             self.cfg.checkpoint.keep_last,
-            parent=getattr(self, "checkpoint_parent", None),
+            parent=self.checkpoint_parent,
         )
         self.checkpoint_parent = saved.id
         return saved.path

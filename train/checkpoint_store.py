@@ -372,6 +372,20 @@ class GroupReader:
         return self._loaded[rel]
 
 
+def hash_problem(ckpt: Path, files: dict[str, dict[str, Any]], threads: int = 8) -> str | None:
+    """The first file of meta.json's list (in its order) that is missing, of another size, or whose
+    sha256 differs; reads every file whole (`threads` at a time: hashlib releases the GIL)."""
+    problem = size_problem(ckpt, files)
+    if problem is not None:
+        return problem
+    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        digests = pool.map(lambda rel: sha256_file(ckpt / rel), files)
+        for (rel, entry), got in zip(files.items(), digests):
+            if got != entry["sha256"]:
+                return f"{rel} is corrupt (its sha256 differs from meta.json's)"
+    return None
+
+
 def size_problem(ckpt: Path, files: dict[str, dict[str, Any]]) -> str | None:
     """The first file of meta.json's list that is missing or of another size (a cheap check: stat only)."""
     for rel, entry in files.items():

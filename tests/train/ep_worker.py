@@ -89,6 +89,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-half-skew", action="store_true", help="skip SKEW_STEP (keep EMPTY_RANK_STEP)")
     p.add_argument("--global-seqs", type=int, default=4)
     p.add_argument(
+        "--save",
+        metavar="DIR",
+        help="after training, save a checkpoint into DIR through train.checkpoint.save and record, per "
+        "rank, the bytes it copied to host memory and the bytes it wrote",
+    )
+    p.add_argument(
         "--check-accum",
         action="store_true",
         help="record, per parameter, how far the accumulated and reduced gradient is from the exact sum "
@@ -173,7 +179,52 @@ def train(args: argparse.Namespace, comm: Comm) -> dict:
     ds.link_optimizer_state(eng)
     moment = safe_get_full_optimizer_state(model.model.layers[0].mlp.experts.gate_up_proj, "exp_avg")
     record["dtypes"]["adam_moment"] = str(moment.dtype) if moment is not None else "none"
+    if args.save:
+        record["save_io"] = _save_io(eng, model, comm, args.save, args.steps, group)
     return record
+
+
+def _save_io(eng, model, comm: Comm, run_dir: str, step: int, group) -> dict[str, list[int]]:
+    """Per rank: bytes handed to the host (`.cpu()`, `.to(cpu)`) during one `checkpoint.save`, bytes of
+    checkpoint tensors that rank wrote, and bytes of its shard files."""
+    from train import checkpoint
+    from train.checkpoint_store import SegmentWriter
+
+    copied = [0]
+    tensors = [0]
+    originals = {"cpu": torch.Tensor.cpu, "to": torch.Tensor.to, "add": SegmentWriter.add}
+
+    def cpu(self, *args, **kwargs):
+        copied[0] += self.numel() * self.element_size()
+        return originals["cpu"](self, *args, **kwargs)
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        target = target.device if isinstance(target, torch.Tensor) else target
+        if isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu":
+            copied[0] += self.numel() * self.element_size()
+        return originals["to"](self, *args, **kwargs)
+
+    def add(self, logical, shape, start, segment):
+        tensors[0] += segment.numel() * segment.element_size()
+        return originals["add"](self, logical, shape, start, segment)
+
+    torch.Tensor.cpu, torch.Tensor.to, SegmentWriter.add = cpu, to, add  # type: ignore[method-assign]
+    try:
+        saved = checkpoint.save(eng, model, comm, run_dir, step, {}, group, keep_last=1)
+    finally:
+        torch.Tensor.cpu, torch.Tensor.to, SegmentWriter.add = originals.values()  # type: ignore[method-assign]
+
+    def per_rank(value: int) -> list[int]:
+        mine = torch.zeros(comm.world, dtype=torch.int64)
+        mine[comm.rank] = value
+        return comm.sum(mine).tolist()
+
+    return {
+        "host_copied": per_rank(copied[0]),
+        "tensor_bytes": per_rank(tensors[0]),
+        "file_bytes": per_rank(saved.bytes_written),
+    }
 
 
 def _dtypes(model, eng, out) -> dict[str, str]:

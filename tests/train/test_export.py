@@ -116,10 +116,21 @@ def test_incomplete_checkpoint_is_refused_and_nothing_written(tmp_path, ep2_run)
     with pytest.raises(ValueError, match=r"dense-r00000-000\.safetensors is 100 bytes, meta\.json records"):
         export(ckpt, out)
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
-    # an unreadable one of the right size is named, and the half-written export is removed
+    # one flipped byte in a tensor (same size, still valid safetensors): the sha256 check names the file
+    # before anything is written; without it the export would carry the damage silently
+    flipped = bytearray(saved)
+    flipped[-4] ^= 0x40
+    shard.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match=r"dense-r00000-000\.safetensors is corrupt \(its sha256 differs"):
+        export(ckpt, out)
+    assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
+    report = export(ckpt, out, verify=False)
+    assert report["verified_sha256"] is False
+    shutil.rmtree(out)
+    # unreadable, of the right size, unverified: named by the reader, the half-written export removed
     shard.write_bytes(b"\xff" * len(saved))
     with pytest.raises(ValueError, match="dense-r00000-000.safetensors: cannot be read as safetensors"):
-        export(ckpt, out)
+        export(ckpt, out, verify=False)
     assert not out.exists() and not list(tmp_path.glob(".hf.tmp*"))
     shard.write_bytes(saved)
     (ckpt / "shards" / "experts-r00001-000.safetensors").unlink()

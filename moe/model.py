@@ -7,7 +7,13 @@ Design choices:
 - Numerics follow transformers' Qwen2 / Qwen2-MoE exactly in fp32 (RMSNorm in fp32, RoPE tables in
   fp32, SDPA attention), so checkpoints move between the two without drift.
 - Model code is single-device. Expert parallelism, ZeRO and activation checkpointing policy are
-  applied from outside (train/); the only hook here is `gradient_checkpointing`.
+  applied from outside (train/); the only hooks here are `gradient_checkpointing` and
+  `loss_chunk_tokens`.
+- The vocabulary-wide tensors of the loss (bf16 logits, their fp32 copy, the fp32 log-softmax and
+  its gradient: about 10 V bytes per token, 24.9 GB per rank for A2.7B at 4 x 4096 tokens) are the
+  largest activations once the layers are checkpointed. With `loss_chunk_tokens` = C the loss runs C
+  tokens at a time, each chunk recomputed in backward (`chunked_cross_entropy`): they are then
+  C x 10 V bytes, whatever the micro-batch, for one more LM-head matmul per token in backward.
 - `forward` returns the router decisions of every MoE layer, never stores them in globals: the
   trainer forms the losses and the expert-load metrics from them.
 - Targets are aligned with the inputs (a packed block of L+1 tokens gives inputs [:-1], targets [1:]);
@@ -121,10 +127,35 @@ class Qwen2Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """The loss is formed in fp32 from bf16 logits, and in float64 in a float64 model."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def chunked_cross_entropy(
+    head: nn.Linear, h_TH: torch.Tensor, targets_T: torch.Tensor, chunk_tokens: int
+) -> torch.Tensor:
+    """Mean cross-entropy of `head(h_TH)` against `targets_T` (IGNORE_INDEX skipped), `chunk_tokens`
+    rows at a time: each chunk's logits live only while its loss is formed, in forward and again in
+    backward (recomputed by `torch.utils.checkpoint`), so autograd keeps `h_TH`, not [T, V] tensors.
+    The same value as `F.cross_entropy(head(h_TH).float(), targets_T)` up to fp32 summation order."""
+
+    def chunk_loss_sum(h_CH: torch.Tensor, targets_C: torch.Tensor) -> torch.Tensor:
+        logits_CV = _at_least_fp32(head(h_CH))
+        return F.cross_entropy(logits_CV, targets_C, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = h_TH.new_zeros((), dtype=torch.promote_types(h_TH.dtype, torch.float32))
+    for start in range(0, h_TH.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        total = total + checkpoint(chunk_loss_sum, h_TH[rows], targets_T[rows], use_reentrant=False)
+    return total / (targets_T != IGNORE_INDEX).sum()
+
+
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """[B, L, V] in the model dtype."""
+    logits: torch.Tensor | None
+    """[B, L, V] in the model dtype; None when the loss was computed in chunks (`loss_chunk_tokens`)."""
+    batch_size: int
     loss: torch.Tensor | None = None
     """ce_loss + router_aux_loss_coef * aux_loss + router_z_loss_coef * z_loss (when targets are given)."""
     ce_loss: torch.Tensor | None = None
@@ -167,6 +198,9 @@ class Qwen2MoEForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.gradient_checkpointing = False
+        self.loss_chunk_tokens = 0
+        """With targets: > 0 computes the loss that many tokens at a time and returns no logits
+        (`chunked_cross_entropy`); 0 materialises the [B, L, V] logits."""
 
     def tie_weights(self) -> None:
         """Share the LM head with the embedding; call again after `to_empty()`, which unties them."""
@@ -221,18 +255,28 @@ class Qwen2MoEForCausalLM(nn.Module):
                 x_BLH, router = layer(x_BLH, cos_BLD, sin_BLD, mask_B1LL)
             if router is not None:
                 routers.append(router)
-        logits_BLV = self.lm_head(self.model.norm(x_BLH))
+        h_BLH = self.model.norm(x_BLH)
+        chunked = targets is not None and self.loss_chunk_tokens > 0
+        logits_BLV = None if chunked else self.lm_head(h_BLH)
 
-        out = ModelOutput(logits=logits_BLV, routers=routers)
+        out = ModelOutput(logits=logits_BLV, batch_size=b, routers=routers)
         mask_T = attention_mask.reshape(-1) if attention_mask is not None else None
         if routers:
             out.balance = [balance_stats(r, mask_T) for r in routers]
             out.aux_loss = load_balancing_loss(out.balance)
             out.z_loss = z_loss(routers, mask_T)
         if targets is not None:
-            out.ce_loss = F.cross_entropy(
-                logits_BLV.float().reshape(-1, cfg.vocab_size), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            if logits_BLV is None:
+                h_TH = h_BLH.reshape(-1, cfg.hidden_size)
+                out.ce_loss = chunked_cross_entropy(
+                    self.lm_head, h_TH, targets.reshape(-1), self.loss_chunk_tokens
+                )
+            else:
+                out.ce_loss = F.cross_entropy(
+                    _at_least_fp32(logits_BLV).reshape(-1, cfg.vocab_size),
+                    targets.reshape(-1),
+                    ignore_index=IGNORE_INDEX,
+                )
             out.loss = out.ce_loss
             if routers:
                 assert out.aux_loss is not None and out.z_loss is not None

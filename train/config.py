@@ -193,6 +193,12 @@ class TrainConfig:
     """Stop after this step with a checkpoint, as a preemption would (scheduled pauses, tests)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves activation memory)."""
+    loss_chunk_tokens: int = 0
+    """> 0: form the loss this many tokens at a time, each chunk recomputed in backward
+    (`moe.model.chunked_cross_entropy`). The LM head's vocabulary-wide tensors (~10 V bytes per token:
+    24.9 GB per rank for A2.7B at 4 x 4096 tokens) shrink to one chunk's, for one more LM-head matmul
+    per token. 0: the whole micro-batch at once. `python -m train.memory memory.loss_chunk_tokens=N`
+    shows the effect."""
 
     def uses_cuda(self) -> bool:
         return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
@@ -233,6 +239,8 @@ class TrainConfig:
             part.validate()
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
         if self.dist_timeout_s <= 0:
             raise ValueError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.stop_at_step is not None and self.stop_at_step <= 0:

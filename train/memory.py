@@ -52,6 +52,10 @@ receives k*b*s rows). A test checks it against the tensors saved by the real mod
     LM head                        aV + 4V + 4V        logits; fp32 log-softmax; one more fp32 V-wide
                                                        tensor at the loss (its input, then its gradient)
 
+With `loss_chunk_tokens` = C > 0 (`moe.model.chunked_cross_entropy`) the LM head's vocabulary-wide
+tensors exist for one chunk at a time, recomputed in backward: C (aV + 8V) bytes per micro-batch
+instead of b s (aV + 8V).
+
 With activation checkpointing (each decoder layer recomputed in backward) a layer keeps only its input
 (ah) and, in MoE layers, its router's outputs (8E + 12k); the largest layer is live once more while it
 is recomputed; the LM head is not checkpointed. A document-boundary attention mask adds b*s*s bytes.
@@ -95,6 +99,8 @@ class MemoryConfig:
     """Tokens per sequence."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward; decides which activation figure enters the total."""
+    loss_chunk_tokens: int = 0
+    """The loss this many tokens at a time (the trainer's `loss_chunk_tokens`); 0: whole micro-batch."""
     gpu_memory_gb: float = 80.0
     """Memory of one GPU (decimal GB) that the total is checked against."""
     reduce_bucket_size: int = 500_000_000
@@ -105,6 +111,8 @@ class MemoryConfig:
         for name in ("world_size", "ep_size", "micro_batch_size", "seq_len", "reduce_bucket_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk_tokens < 0:
+            raise ValueError(f"memory.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.gpu_memory_gb <= 0:
             raise ValueError(f"memory.gpu_memory_gb must be positive, got {self.gpu_memory_gb}")
         if self.zero_stage not in (0, 1, 2):
@@ -288,6 +296,8 @@ class Activations:
     """Kept by each decoder layer under activation checkpointing: its input and its router's outputs."""
     fixed: int
     """Token ids, RoPE tables, and the LM head: final norm, logits, fp32 log-softmax."""
+    head: int
+    """The vocabulary-wide part of `fixed`: logits and fp32 log-softmax."""
     loss_transient: int
     """One more fp32 vocabulary-wide tensor at the loss (forward: the logits' fp32 copy; backward:
     the log-softmax gradient)."""
@@ -296,6 +306,14 @@ class Activations:
         """Peak bytes per token; with checkpointing the largest layer is live again while recomputed."""
         layers = sum(self.kept) + max(self.layers, default=0) if checkpointing else sum(self.layers)
         return layers + self.fixed + self.loss_transient
+
+    def micro_batch(self, tokens: int, checkpointing: bool, loss_chunk_tokens: int = 0) -> int:
+        """Peak bytes of a micro-batch of `tokens`; with loss chunks the vocabulary-wide tensors are
+        those of one chunk."""
+        if loss_chunk_tokens <= 0:
+            return tokens * self.per_token(checkpointing)
+        vocab = self.head + self.loss_transient
+        return tokens * (self.per_token(checkpointing) - vocab) + min(loss_chunk_tokens, tokens) * vocab
 
 
 def activations(cfg: ModelConfig, bf16: bool) -> Activations:
@@ -320,8 +338,9 @@ def activations(cfg: ModelConfig, bf16: bool) -> Activations:
             mlp = 4 * a * cfg.intermediate_size
             kept.append(a * h)
         layers.append(2 * norm + attention + mlp)
-    fixed = 8 + 2 * a * d + norm + a * v + 4 * v
-    return Activations(layers=tuple(layers), kept=tuple(kept), fixed=fixed, loss_transient=4 * v)
+    head = a * v + 4 * v
+    fixed = 8 + 2 * a * d + norm + head
+    return Activations(layers=tuple(layers), kept=tuple(kept), fixed=fixed, head=head, loss_transient=4 * v)
 
 
 def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> MemoryPlan:
@@ -370,8 +389,8 @@ def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> Memory
         master=master,
         optimizer=adam,
         reduce_buffers=reduce,
-        activations=tokens * act.per_token(checkpointing=False),
-        activations_checkpointed=tokens * act.per_token(checkpointing=True),
+        activations=act.micro_batch(tokens, False, mem.loss_chunk_tokens),
+        activations_checkpointed=act.micro_batch(tokens, True, mem.loss_chunk_tokens),
         activation_checkpointing=mem.activation_checkpointing,
     )
 
@@ -436,6 +455,7 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
         ("reduce buffers", p.reduce_buffers),
         (
             f"activations, {mem.micro_batch_size} x {mem.seq_len} tokens"
+            + (f", loss in chunks of {mem.loss_chunk_tokens}" if mem.loss_chunk_tokens else "")
             + (" (in total)" if not ckpt else ""),
             p.activations,
         ),

@@ -79,7 +79,7 @@ class Objective:
 
     @staticmethod
     def _per_sequence(out: ModelOutput) -> torch.Tensor:
-        batch = out.logits.shape[0]
+        batch = out.batch_size
         losses = []
         for b in range(batch):
             stats: list[BalanceStats] = []

@@ -97,6 +97,7 @@ class Trainer:
         check_vocab(self.tokenizer, self.mcfg.vocab_size)
         bf16 = cfg.uses_bf16()
         self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.model.loss_chunk_tokens = cfg.loss_chunk_tokens
         self.ep_group_name = ds.shard_experts(self.model, cfg.parallel.ep_size)
         self.engine = ds.build_engine(
             self.model,

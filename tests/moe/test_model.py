@@ -1,9 +1,10 @@
 """Whole-model behaviour: activation checkpointing, meta construction, packed-document masking."""
 
+import pytest
 import torch
 
 from moe.config import ModelConfig
-from moe.model import Qwen2MoEForCausalLM
+from moe.model import IGNORE_INDEX, Qwen2MoEForCausalLM
 
 
 def _model(seed=0, **kw):
@@ -57,3 +58,63 @@ def test_tied_embeddings_share_storage():
     m = _model(tie_word_embeddings=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight
     assert m.num_params() == m.config.num_params()["total"]
+
+
+def _loss_and_grads(m, ids, targets):
+    out = m(ids, targets=targets)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_chunked_loss_equals_the_float64_loss_and_gradients(tie):
+    """`loss_chunk_tokens` (3, 7: a chunk straddles the two sequences; 24 = one chunk; 100 > T) gives the
+    loss and every gradient of the float64 model without chunking (ignored targets included), and
+    returns no logits. Dense, since the grouped GEMM of the routed experts has no float64; the MoE
+    model is compared with itself unchunked."""
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    targets = ids.roll(-1, 1)
+    targets[0, :4] = IGNORE_INDEX
+    targets[1, -1] = IGNORE_INDEX
+    for experts, ref_dtype in ((0, torch.float64), (4, torch.float32)):
+        ref = _model(tie_word_embeddings=tie, num_experts=experts).to(ref_dtype).train()
+        want, want_grads = _loss_and_grads(ref, ids, targets)
+        for chunk in (3, 7, 24, 100):
+            m = _model(tie_word_embeddings=tie, num_experts=experts).train()
+            m.loss_chunk_tokens = chunk
+            got, grads = _loss_and_grads(m, ids, targets)
+            assert got.logits is None
+            torch.testing.assert_close(got.ce_loss.to(ref_dtype), want.ce_loss, rtol=1e-6, atol=0)
+            torch.testing.assert_close(got.loss.to(ref_dtype), want.loss, rtol=1e-6, atol=0)
+            for n, g in want_grads.items():
+                scale = float(g.abs().max())
+                msg = f"experts={experts} chunk={chunk} {n}"
+                torch.testing.assert_close(grads[n].to(ref_dtype), g, rtol=0, atol=1e-5 * scale, msg=msg)
+
+
+def test_chunked_loss_saves_no_vocabulary_wide_tensor():
+    """Without chunks autograd keeps the [T, V] logits and their fp32 log-softmax; with chunks it keeps
+    no tensor with a vocabulary-sized dimension (weights aside): each chunk is recomputed in backward.
+    Vocabulary 1000 is no other dimension of this model."""
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(2))
+
+    def vocab_wide_saved(chunk: int) -> int:
+        m = _model(vocab_size=1000).train()
+        m.loss_chunk_tokens = chunk
+        weights = {p.data_ptr() for p in m.parameters()}
+        wide = []
+
+        def pack(t):
+            if t.data_ptr() not in weights and 1000 in t.shape:
+                wide.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = m(ids, targets=ids.roll(-1, 1))
+        out.loss.backward()  # the recomputed chunks work in backward
+        return sum(wide)
+
+    assert vocab_wide_saved(0) >= 2 * 32 * 1000
+    assert vocab_wide_saved(8) == 0

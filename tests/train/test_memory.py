@@ -143,9 +143,17 @@ def test_activation_formula_by_hand():
     assert p.total == p.states + p.activations
     mem = MemoryConfig(world_size=1, micro_batch_size=3, seq_len=5, activation_checkpointing=True)
     assert plan(cfg, mem).total == p.states + p.activations_checkpointed
+    # the loss 4 tokens at a time: the logits, fp32 log-softmax and loss transient of 4 tokens, not 15
+    vocab = 2 * 16 + 4 * 16 + 64
+    chunked = plan(cfg, MemoryConfig(world_size=1, micro_batch_size=3, seq_len=5, loss_chunk_tokens=4))
+    assert chunked.activations == 15 * (layer + fixed + 64 - vocab) + 4 * vocab
+    wide = plan(cfg, MemoryConfig(world_size=1, micro_batch_size=3, seq_len=5, loss_chunk_tokens=100))
+    assert wide.activations == p.activations
 
 
-def _saved_bytes_per_token(cfg: ModelConfig, dtype, checkpointing: bool, b: int = 2, s: int = 64) -> float:
+def _saved_bytes_per_token(
+    cfg: ModelConfig, dtype, checkpointing: bool, b: int = 2, s: int = 64, loss_chunk_tokens: int = 0
+) -> float:
     """Bytes of the tensors autograd saves in one forward of the real model, and of the logits and
     router decisions it returns."""
     import torch
@@ -155,6 +163,7 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype, checkpointing: bool, b: int 
     model = Qwen2MoEForCausalLM(cfg).to(dtype)
     model.init_weights(torch.Generator().manual_seed(0))
     model.gradient_checkpointing = checkpointing
+    model.loss_chunk_tokens = loss_chunk_tokens
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -167,7 +176,8 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype, checkpointing: bool, b: int 
     ids = torch.randint(0, cfg.vocab_size, (b, s + 1), generator=torch.Generator().manual_seed(0))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = model(input_ids=ids[:, :-1], targets=ids[:, 1:])
-    held = [out.logits] + [t for r in out.routers for t in vars(r).values()]  # kept until the loss
+    held = [t for r in out.routers for t in vars(r).values()]  # kept until the loss
+    held += [out.logits] if out.logits is not None else []
     for t in held:
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(saved.values()) / (b * s)
@@ -202,6 +212,9 @@ def test_activation_formula_against_saved_tensors(bf16, changes):
     assert sum(act.layers) + act.fixed == pytest.approx(full, rel=0.02)
     kept = _saved_bytes_per_token(cfg, dtype, checkpointing=True)
     assert sum(act.kept) + act.fixed == pytest.approx(kept, rel=0.02)
+    # loss in chunks: nothing vocabulary-wide is saved (each chunk is recomputed in backward)
+    chunked = _saved_bytes_per_token(cfg, dtype, checkpointing=True, loss_chunk_tokens=16)
+    assert sum(act.kept) + act.fixed - act.head == pytest.approx(chunked, rel=0.02)
 
 
 def test_a2_7b_master_and_adam_are_12_bytes_per_parameter_over_all_ranks():

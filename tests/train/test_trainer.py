@@ -125,6 +125,20 @@ def test_eval_at_start_scores_the_initial_model_on_the_same_batches(tmp_path):
     assert abs(evals[0] - rows[1]["train/ce_loss"]) > 1e-4  # held-out batches, not the training batch
 
 
+def test_loss_in_chunks_trains_and_evaluates_like_the_whole_loss(tmp_path):
+    """`loss_chunk_tokens=5` (chunks straddling sequences) with activation checkpointing: the same
+    losses, gradient norms and evaluation losses as the plain run, step for step (fp32 order)."""
+    plain, chunked = tmp_path / "plain", tmp_path / "chunked"
+    common = ("max_steps=3", "eval_every=1", "eval_batches=2")
+    train(plain, *common)
+    train(chunked, *common, "loss_chunk_tokens=5", "activation_checkpointing=true")
+    a, b = metrics(plain), metrics(chunked)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b, strict=True):
+        for key in ("train/loss", "train/ce_loss", "train/grad_norm", "eval/loss"):
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=0), (x["step"], key)
+
+
 @pytest.mark.parametrize(
     ("scope", "one_rank"),
     [

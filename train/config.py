@@ -97,12 +97,18 @@ class DeepSpeedConfig:
     """Micro-batches per optimizer step."""
     global_batch_size: int | None = None
     """Optional check: must equal micro_batch_size * grad_accum * data-parallel world size."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO-1/2: elements per gradient-reduction bucket (DeepSpeed's `reduce_bucket_size`, whose
+    default this is). The bucket is allocated whatever the model size: 1 GB in bf16, plus its
+    reduction copy (`python -m train.memory memory.reduce_bucket_size=N`)."""
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2):
             raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
         if self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("deepspeed.micro_batch_size and deepspeed.grad_accum must be positive")
+        if self.reduce_bucket_size <= 0:
+            raise ValueError(f"deepspeed.reduce_bucket_size must be positive, got {self.reduce_bucket_size}")
         if self.zero_stage == 0 and self.bf16:
             raise ValueError(
                 "deepspeed.zero_stage=0 with deepspeed.bf16=true is not supported (DeepSpeed has no ZeRO-0 "

@@ -182,6 +182,7 @@ def build_engine(
     grad_accum_dtype: str = "fp32",
     grad_accum: int = 1,
     grad_clip: float = 1.0,
+    reduce_bucket_size: int = 500_000_000,
 ) -> Any:
     """deepspeed.initialize with our AdamW, LR schedule (`lr_lambda`: step -> LR factor; None:
     constant) and MoE groups. The defaults are `OptimConfig`'s and `DeepSpeedConfig`'s. Returns the engine.
@@ -191,7 +192,8 @@ def build_engine(
     micro-batches and reduced over ranks. DeepSpeed's own default is the model dtype (bf16), whose
     8-bit mantissa drops small micro-batch contributions; ours is fp32. With fp32, ZeRO-1 runs
     DeepSpeed's `BF16_Optimizer` (fp32 gradient buffers for the whole model) and ZeRO-2 its ZeRO
-    optimizer (fp32 gradient partitions).
+    optimizer (fp32 gradient partitions). `reduce_bucket_size`: elements per ZeRO-1/2 reduction
+    bucket (`train.memory` counts it).
     """
     marker = _MoEGroupsMarker(num_experts, ep_size) if ep_group_name is not None else None
     module = EngineModule(model, marker)
@@ -230,6 +232,7 @@ def build_engine(
             "contiguous_gradients": True,
             "reduce_scatter": True,
             "overlap_comm": False,
+            "reduce_bucket_size": reduce_bucket_size,
         },
     }
     engine, _, _, _ = deepspeed.initialize(

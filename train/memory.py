@@ -30,7 +30,10 @@ no-decay (biases, norms), then the experts split by DeepSpeed's
 The reduce buffers are the ZeRO optimizer's IPG bucket (`reduce_bucket_size` elements of the weights'
 dtype, allocated at every backward whatever the model size) plus the largest flattened all-reduce copy
 in the communication dtype (ZeRO-0 and BF16_Optimizer: the engine's buckets of 5e8 elements; a bucket
-of one tensor is not copied). Not counted: the short-lived low-precision copies inside those casts and
+of one tensor is not copied). A ZeRO-1/2 bucket's fill (and ZeRO-1's first fill, below) depends on
+the order in which autograd hands over the gradients: exact when one bucket holds every gradient (as
+DeepSpeed's default 5e8 does up to that many local parameters); otherwise the reduction copy is
+counted as a whole bucket (an upper bound) and the first fill follows parameter order (an estimate). Not counted: the short-lived low-precision copies inside those casts and
 flattens, the CUDA context, NCCL buffers, and allocator fragmentation (keep several GB of headroom).
 
 Activations of one micro-batch (b sequences of s tokens: bytes per token times b*s; a: bytes of an
@@ -104,7 +107,8 @@ class MemoryConfig:
     gpu_memory_gb: float = 80.0
     """Memory of one GPU (decimal GB) that the total is checked against."""
     reduce_bucket_size: int = 500_000_000
-    """DeepSpeed's zero_optimization.reduce_bucket_size in elements (build_engine keeps the default)."""
+    """DeepSpeed's zero_optimization.reduce_bucket_size in elements (the trainer's
+    `deepspeed.reduce_bucket_size`)."""
 
     def validate(self, model: ModelConfig) -> MemoryConfig:
         """Raise ValueError naming the first offending field. Returns self."""

@@ -115,6 +115,7 @@ class Trainer:
             micro_batch_size=cfg.deepspeed.micro_batch_size,
             grad_accum=cfg.deepspeed.grad_accum,
             grad_clip=cfg.optim.grad_clip,
+            reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
         )
         self.objective = Objective(
             cfg.moe.balance_scope,

@@ -175,7 +175,7 @@ class Meter:
             self.opt.reduce_ipg_grads = reduce_ipg_grads
 
 
-def measure(zero: int, bf16: bool, accum: str, ep_size: int) -> dict[str, Any]:
+def measure(zero: int, bf16: bool, accum: str, ep_size: int, bucket: int | None) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = model_config()
     model = Qwen2MoEForCausalLM(cfg)
@@ -186,6 +186,8 @@ def measure(zero: int, bf16: bool, accum: str, ep_size: int) -> dict[str, Any]:
         kwargs["grad_accum_dtype"] = accum
     elif bf16 and accum != "bf16":
         raise SystemExit("train.engine.build_engine has no grad_accum_dtype (DeepSpeed's default is bf16)")
+    if bucket is not None:
+        kwargs["reduce_bucket_size"] = bucket
     eng = ds.build_engine(
         model,
         ep_group_name=group,
@@ -219,12 +221,15 @@ def main() -> None:
     rank, world = ds.init_distributed(torch.device("cpu"))
     results = []
     for spec in specs:
-        zero, bf16, accum, ep_size = spec.split(":")
-        measured = measure(int(zero), bool(int(bf16)), accum, int(ep_size))
+        zero, bf16, accum, ep_size, *bucket = spec.split(":")
+        size = int(bucket[0]) if bucket else None
+        measured = measure(int(zero), bool(int(bf16)), accum, int(ep_size), size)
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, measured)
         config = {"zero_stage": int(zero), "bf16": bool(int(bf16)), "grad_accum_dtype": accum}
-        results.append({**config, "ep_size": int(ep_size), "world_size": world, "ranks": per_rank})
+        results.append(
+            {**config, "ep_size": int(ep_size), "world_size": world, "bucket": size, "ranks": per_rank}
+        )
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f, indent=1)

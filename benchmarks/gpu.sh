@@ -13,7 +13,8 @@
 #   train-step-megablocks  benchmarks/train_step.py: DeepSpeed steps of the A2.7B MoE shape, 4 layers
 #   train-step-torch       the same with the torch backend, then the 7B dense shape (one process)
 #   trainer-zero{1,2}-{megablocks,torch}  `python -m train` through the deepspeed launcher on one GPU (NCCL,
-#                          world size 1): tiny_moe preset (widths multiples of 8), bf16, 3 steps, eval, checkpoint
+#                          world size 1): tiny_moe preset (widths multiples of 8), bf16, 3 steps, eval, checkpoint;
+#                          the ZeRO-2 runs with activation checkpointing and the loss in chunks of 100 tokens
 #   export                 python -m train.export of trainer-zero2-megablocks (trainer-zero2-torch if that
 #                          did not pass, e.g. in the rehearsal)
 #   export-check           benchmarks/export_check.py: transformers loads it; logits shape, finite; its eval
@@ -230,9 +231,11 @@ for backend in megablocks torch; do
     run=$work/$name
     flag=()
     [[ $backend == megablocks ]] && flag=(--cuda)
+    extra=() # the ZeRO-2 runs also recompute the layers and form the loss in chunks
+    [[ $zero == 2 ]] && extra=(activation_checkpointing=true loss_chunk_tokens=100)
     step "$name" 45 "${flag[@]}" --check "${checks[@]}" trainer "$run" "$trainer_steps" -- \
       "$py" -m deepspeed.launcher.runner --num_gpus 1 --master_port $((port++)) --module train \
-      "${trainer_args[@]}" "deepspeed=zero$zero" "model.expert_backend=$backend" "run_dir=$run"
+      "${trainer_args[@]}" "deepspeed=zero$zero" "model.expert_backend=$backend" "run_dir=$run" "${extra[@]}"
     if [[ -d $run ]]; then
       mkdir -p "$out/trainer/$name"
       cp "$run"/metrics.jsonl "$run"/config.yaml "$out/trainer/$name/" 2>/dev/null

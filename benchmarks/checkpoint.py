@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,19 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -129,9 +114,12 @@ def _bytes(checkpoint, ckpt: Path, model, rank: int, ep_rank: int, edp_rank: int
 
 
 def run_case(repo: str, procs: int, ep: int, repeats: int, model: str) -> list[dict]:
+    sys.path.insert(0, str(REPO))  # before benchmarks/ itself, whose data.py would shadow the data package
+    from train.engine import free_port
+
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
-        cmd += ["--master_port", str(_free_port()), str(Path(__file__).resolve()), "--worker"]
+        cmd += ["--master_port", str(free_port()), str(Path(__file__).resolve()), "--worker"]
         cmd += ["--repo", repo, "--out", out, "--ep", str(ep), "--repeats", str(repeats), "--model", model]
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=repo)
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)

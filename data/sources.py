@@ -72,7 +72,7 @@ def _load(src: SourceConfig, where: str, cache_dir: str) -> tuple[datasets.Datas
     path = os.path.expanduser(src.path)
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _SAVED_MARKERS):
         return _load_saved(path, src, where), path
-    files = _data_files(path, where)
+    files = data_files(path, where)
     if files is None:
         try:
             ds = datasets.load_dataset(src.path, name=src.subset, split=src.split, cache_dir=cache_dir)
@@ -111,7 +111,7 @@ def _load_saved(path: str, src: SourceConfig, where: str) -> datasets.Dataset:
     return ds
 
 
-def _data_files(path: str, where: str) -> list[str] | None:
+def data_files(path: str, where: str) -> list[str] | None:
     """Data files of a local file, directory or glob; None for a name that can only be a Hub dataset."""
     if glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))

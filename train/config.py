@@ -308,12 +308,12 @@ class TrainConfig:
                     "python -m data.prepare and the same data config)"
                 )
             return
-        from data.sources import _data_files  # the loader's own rule: file, directory, glob or Hub name
+        from data.sources import data_files  # the loader's own rule: file, directory, glob or Hub name
 
         for i, src in enumerate(data.sources):
             path = os.path.expanduser(src.path)
             if src.path != BUILTIN and not os.path.isdir(path):  # directories: possibly save_to_disk
-                _data_files(path, f"data.sources[{i}] (path={src.path!r})")
+                data_files(path, f"data.sources[{i}] (path={src.path!r})")
 
     def warnings(self, model: ModelConfig) -> list[str]:
         """What is allowed but probably not meant, for `model` (`model_config()`)."""

@@ -26,6 +26,7 @@ import contextlib
 import datetime
 import math
 import os
+import random
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -63,7 +64,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> tuple[i
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # single process without a launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         if device.type == "cpu":
             _skip_shm_all_reduce_op()
         deepspeed.init_distributed(
@@ -88,10 +89,22 @@ def _skip_shm_all_reduce_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A free TCP port below Linux's ephemeral range (32768+), for a rendezvous (`--master_port`).
+
+    A port the OS hands out for `bind(0)` is ephemeral: between our check and the rendezvous store
+    binding it, any outgoing connection (gloo's own, a previous run's) may take it (EADDRINUSE).
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32000")
 
 
 class _MoEGroupsMarker(_DeepSpeedMoE):

@@ -12,7 +12,7 @@ import pytest
 from data.config import SourceConfig, TxtSampleBy
 from data.corpus import builtin_documents
 from data.loader import build_loader
-from data.sources import _data_files, load_source
+from data.sources import data_files, load_source
 from tests.data.helpers import data_config, make_docs, write_jsonl
 
 DOCS = make_docs(12)
@@ -85,11 +85,11 @@ def test_builtin_source_is_the_builtin_corpus(cache_dir) -> None:
 
 
 def test_hub_names_are_told_from_local_paths(tmp_path) -> None:
-    assert _data_files("someone/some_dataset", "w") is None
-    assert _data_files("wikitext", "w") is None
+    assert data_files("someone/some_dataset", "w") is None
+    assert data_files("wikitext", "w") is None
     for local in (str(tmp_path / "missing.jsonl"), "./missing", "a/b/c", "missing.parquet"):
         with pytest.raises(FileNotFoundError, match="missing|a/b/c"):
-            _data_files(local, "w")
+            data_files(local, "w")
 
 
 # ---- bad input ---------------------------------------------------------------------------------------

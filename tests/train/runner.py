@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from train.engine import free_port  # noqa: F401 (the tests' port picker)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -24,24 +24,6 @@ TINY = [
     "schedule.warmup_steps=2",
     "optim.lr=3e-3",
 ]
-
-
-def free_port() -> int:
-    """A free TCP port below Linux's ephemeral range (32768+), for a launcher's --master_port.
-
-    A port the OS hands out for `bind(0)` is ephemeral: between our check and the rendezvous store
-    binding it, any outgoing connection (gloo's own, a previous run's) may take it (EADDRINUSE).
-    """
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-32000")
 
 
 def train(

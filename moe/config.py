@@ -77,6 +77,11 @@ class ModelConfig:
     """Written to config.json / generation_config.json when set."""
     eos_token_id: int | None = None
     """Written to config.json / generation_config.json when set."""
+    sliding_window: int | None = None
+    """config.json's `sliding_window`, kept so that the file round-trips (inert: sliding-window
+    attention is not supported); None writes `max_position_embeddings`."""
+    max_window_layers: int | None = None
+    """config.json's `max_window_layers` (inert, as `sliding_window`); None writes the layer count."""
 
     # ---- derived values -------------------------------------------------------------------------
     @property
@@ -216,8 +221,10 @@ class ModelConfig:
             "attention_dropout": 0.0,
             "use_cache": True,
             "use_sliding_window": False,
-            "sliding_window": self.max_position_embeddings,
-            "max_window_layers": self.num_hidden_layers,
+            "sliding_window": self.sliding_window or self.max_position_embeddings,
+            "max_window_layers": (
+                self.max_window_layers if self.max_window_layers is not None else self.num_hidden_layers
+            ),
             "torch_dtype": torch_dtype,
             "dtype": torch_dtype,
             "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"},
@@ -273,7 +280,7 @@ class ModelConfig:
                 raise ValueError(f"{source}: qwen2_moe config lacks {missing}")
         else:
             kwargs["num_experts"] = 0
-        for f in ("bos_token_id", "eos_token_id"):
+        for f in ("bos_token_id", "eos_token_id", "sliding_window", "max_window_layers"):
             v = d.get(f)
             if isinstance(v, int):
                 kwargs[f] = v

@@ -283,6 +283,7 @@ def make_plan(
     cfg = dataclasses.replace(cfg).validate()
     dense, raw, reader = _check_source(source)
     moe, forced = plan_config(dense, shape, cfg)
+    moe = moe.replace(max_window_layers=window_layers(shape, dense, raw))  # carried into training's exports
     dtypes = _stored_dtypes(reader)
     ffn_key = f"model.layers.{moe.moe_layers[0]}.mlp.gate_proj.weight"
     for key, name in dtypes.items():

@@ -98,3 +98,18 @@ def test_from_hf_dict_rejects_other_architectures():
         ModelConfig.from_hf_dict({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     with pytest.raises(ValueError, match="required key 'hidden_size' is missing"):
         ModelConfig.from_hf_dict({"model_type": "qwen2", "vocab_size": 10})
+
+
+def test_inert_sliding_window_fields_round_trip_through_training_meta():
+    """config.json's sliding_window / max_window_layers (inert: no sliding-window attention) survive
+    config.json -> ModelConfig -> meta.json's asdict -> export's ModelConfig -> config.json; absent,
+    they are written as transformers' defaults (max_position_embeddings, the layer count)."""
+    import dataclasses
+
+    public = ModelConfig(num_hidden_layers=4, max_position_embeddings=8192).to_hf_dict()
+    public |= {"sliding_window": 32768, "max_window_layers": 3}
+    loaded = ModelConfig.from_hf_dict(public)
+    exported = ModelConfig(**dataclasses.asdict(loaded)).to_hf_dict()
+    assert (exported["sliding_window"], exported["max_window_layers"]) == (32768, 3)
+    plain = ModelConfig(num_hidden_layers=4, max_position_embeddings=8192).to_hf_dict()
+    assert (plain["sliding_window"], plain["max_window_layers"]) == (8192, 4)

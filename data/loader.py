@@ -9,16 +9,21 @@ Design choices:
 - Epochs are not boundaries of iteration: the sequence is endless and each epoch is reshuffled
   (`data.stream`); `state_dict()` reports the epoch for logging.
 - A background thread assembles `prefetch_batches` micro-batches ahead (numpy copies release the GIL),
-  so the trainer does not wait; the state counts only micro-batches handed out.
+  so the trainer does not wait; the state counts only micro-batches handed out. It is a daemon (a
+  crashed trainer must not hang on it), so every live one is stopped at interpreter exit: a daemon
+  thread still inside torch when the interpreter finalizes aborts the process ("terminate called
+  without an active exception", exit 134) after a run that had finished.
 - Mixture phases: with `DataConfig.new_mixture_on_resume`, a resume with other weights starts the new
   mixture at sample 0, each source offset by the samples it had served (`source_offsets` in the state).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -229,13 +234,20 @@ class PackedLoader:
 class _Prefetcher:
     """A daemon thread that assembles successive micro-batches into a bounded queue."""
 
+    live: weakref.WeakSet[_Prefetcher] = weakref.WeakSet()
+    """Started and not stopped; `_stop_live_prefetchers` stops them at interpreter exit."""
+
     def __init__(self, assemble: _Assembler, start: int, step: int, depth: int):
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
-            target=_produce, args=(assemble, start, step, self._queue, self._stop), daemon=True
+            target=_produce,
+            args=(assemble, start, step, self._queue, self._stop),
+            daemon=True,
+            name="data-prefetch",
         )
         self._thread.start()
+        _Prefetcher.live.add(self)
 
     def get(self) -> dict[str, torch.Tensor]:
         item = self._queue.get()
@@ -249,6 +261,14 @@ class _Prefetcher:
             with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
                 self._queue.get(timeout=0.01)
         self._thread.join()
+        _Prefetcher.live.discard(self)
+
+
+@atexit.register
+def _stop_live_prefetchers() -> None:
+    """Runs before finalization (atexit handlers do), while the threads can still finish their step."""
+    for prefetcher in list(_Prefetcher.live):
+        prefetcher.stop()
 
 
 def _produce(

@@ -22,6 +22,7 @@ Design choices:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import math
@@ -73,7 +74,25 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> tuple[i
             verbose=False,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        atexit.register(_destroy_process_group_at_exit)
     return dist.get_rank(), dist.get_world_size()
+
+
+finished_cleanly = False
+"""Set by the trainer when a run ends normally (every rank got there): then NCCL is torn down at exit."""
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy the process group while the interpreter is still whole.
+
+    Left to interpreter finalization, gloo's worker threads may still hold work objects with tensors
+    whose release needs the GIL: the process aborts ("terminate called without an active exception",
+    pytorch/pytorch#190489), turning a finished run into exit status 134. Gloo's teardown is local, so
+    it is always safe. NCCL's waits for the communicators' pending work, so after a failure, when a
+    peer may be gone, it is left to the process exit (and the launcher).
+    """
+    if dist.is_initialized() and (dist.get_backend() == "gloo" or finished_cleanly):
+        dist.destroy_process_group()
 
 
 def _skip_shm_all_reduce_op() -> None:
@@ -205,8 +224,8 @@ def build_engine(
     micro-batches and reduced over ranks. DeepSpeed's own default is the model dtype (bf16), whose
     8-bit mantissa drops small micro-batch contributions; ours is fp32. With fp32, ZeRO-1 runs
     DeepSpeed's `BF16_Optimizer` (fp32 gradient buffers for the whole model) and ZeRO-2 its ZeRO
-    optimizer (fp32 gradient partitions). `reduce_bucket_size`: elements per ZeRO-1/2 reduction
-    bucket (`train.memory` counts it).
+    optimizer (fp32 gradient partitions). `reduce_bucket_size`: elements per reduction bucket of
+    the ZeRO optimizer (not used by BF16_Optimizer; `train.memory` counts it).
     """
     marker = _MoEGroupsMarker(num_experts, ep_size) if ep_group_name is not None else None
     module = EngineModule(model, marker)

@@ -235,6 +235,7 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train to `max_steps` (or a stop signal). Returns the logged metrics of this process' steps."""
         cfg = self.cfg
+        ds.finished_cleanly = False
         self.resume_if_requested()
         self._install_signal_handlers()
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -281,6 +282,8 @@ class Trainer:
             progress.close()
         for cb in self.callbacks:
             cb.on_end()
+        self.loader.close()  # its prefetch thread would otherwise assemble batches nobody takes
+        ds.finished_cleanly = True
         return history
 
     def _progress(self):

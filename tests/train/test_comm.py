@@ -148,3 +148,34 @@ def test_no_host_read_per_micro_batch(tmp_path):
     for zero in (0, 1, 2):
         assert reads[f"zero{zero}_ga4"] == reads[f"zero{zero}_ga1"], (zero, reads)
         assert sum(reads[f"zero{zero}_ga1"].values()) > 0  # the counting works: the step's own reads
+
+
+PROBE = """
+import atexit
+import torch, torch.distributed as dist
+from train.comm import Comm
+# registered first, so it runs last (atexit is LIFO): after train.engine's own handler
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+comm = Comm.init("cpu")
+comm.sum(torch.ones(3))
+"""
+
+
+def test_the_process_group_is_destroyed_before_interpreter_teardown():
+    """Left to interpreter finalization, gloo's threads can abort a finished run (exit 134, "terminate
+    called without an active exception", pytorch/pytorch#190489), and NCCL warns: `init_distributed`
+    registers the teardown."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.runner import ROOT
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(var, None)
+    res = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "initialized at exit: False" in res.stdout, res.stdout[-2000:]

@@ -1,6 +1,7 @@
 """The loss in chunks (`loss_chunk_tokens`): peak memory and time of one forward + backward.
 
     python benchmarks/loss_chunks.py                      # CPU: peak RSS above the start, fp32
+    python benchmarks/loss_chunks.py --dtype bfloat16     # CPU, bf16 (slow matmuls; for the memory)
     python benchmarks/loss_chunks.py --device cuda        # GPU: torch.cuda.max_memory_allocated, bf16
 
 The model is one dense decoder layer of hidden size `--hidden` with Qwen1.5's vocabulary (151936), so
@@ -36,7 +37,13 @@ def measure(args: argparse.Namespace) -> dict:
     from moe.model import Qwen2MoEForCausalLM
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else torch.bfloat16
+        if device.type == "cuda"
+        else torch.float32
+    )
     cfg = ModelConfig(
         vocab_size=151936,
         hidden_size=args.hidden,
@@ -87,6 +94,7 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", help="float32 | bfloat16 (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=1024)
@@ -100,6 +108,7 @@ def main() -> None:
     rows = []
     for chunk in args.chunks:
         cmd = [sys.executable, __file__, "--chunk", str(chunk), "--device", args.device]
+        cmd += ["--dtype", args.dtype] if args.dtype else []
         cmd += ["--hidden", str(args.hidden), "--batch", str(args.batch), "--seq", str(args.seq)]
         cmd += ["--iters", str(args.iters)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -108,7 +117,8 @@ def main() -> None:
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     base = rows[0]
     tokens = args.batch * args.seq
-    print(f"device {args.device}, {tokens} tokens, vocabulary 151936, hidden {args.hidden}, 1 layer")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    print(f"device {args.device}, {dtype}, {tokens} tokens, vocabulary 151936, hidden {args.hidden}, 1 layer")
     print("| loss_chunk_tokens | loss | peak (GB) | peak vs no chunks | s per step | time vs no chunks |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:

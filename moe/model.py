@@ -9,11 +9,11 @@ Design choices:
 - Model code is single-device. Expert parallelism, ZeRO and activation checkpointing policy are
   applied from outside (train/); the only hooks here are `gradient_checkpointing` and
   `loss_chunk_tokens`.
-- The vocabulary-wide tensors of the loss (bf16 logits, their fp32 copy, the fp32 log-softmax and
-  its gradient: about 10 V bytes per token, 24.9 GB per rank for A2.7B at 4 x 4096 tokens) are the
-  largest activations once the layers are checkpointed. With `loss_chunk_tokens` = C the loss runs C
-  tokens at a time, each chunk recomputed in backward (`chunked_cross_entropy`): they are then
-  C x 10 V bytes, whatever the micro-batch, for one more LM-head matmul per token in backward.
+- The vocabulary-wide tensors of the loss (bf16 logits, the saved fp32 log-softmax, and in backward
+  the fp32 gradients of the loss and of the log-softmax: 14 V bytes per token, 34.9 GB per rank for
+  A2.7B at 4 x 4096 tokens) are the largest activations once the layers are checkpointed. With `loss_chunk_tokens` = C the loss runs C
+  tokens at a time, each chunk's logits recomputed in backward (`chunked_cross_entropy`): they are
+  then C x 6 V bytes in bf16, whatever the micro-batch, for one more LM-head matmul per token.
 - `forward` returns the router decisions of every MoE layer, never stores them in globals: the
   trainer forms the losses and the expert-load metrics from them.
 - Targets are aligned with the inputs (a packed block of L+1 tokens gives inputs [:-1], targets [1:]);
@@ -24,10 +24,12 @@ Design choices:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from moe.config import ModelConfig
@@ -136,19 +138,65 @@ def chunked_cross_entropy(
     head: nn.Linear, h_TH: torch.Tensor, targets_T: torch.Tensor, chunk_tokens: int
 ) -> torch.Tensor:
     """Mean cross-entropy of `head(h_TH)` against `targets_T` (IGNORE_INDEX skipped), `chunk_tokens`
-    rows at a time: each chunk's logits live only while its loss is formed, in forward and again in
-    backward (recomputed by `torch.utils.checkpoint`), so autograd keeps `h_TH`, not [T, V] tensors.
-    The same value as `F.cross_entropy(head(h_TH).float(), targets_T)` up to fp32 summation order."""
-
-    def chunk_loss_sum(h_CH: torch.Tensor, targets_C: torch.Tensor) -> torch.Tensor:
-        logits_CV = _at_least_fp32(head(h_CH))
-        return F.cross_entropy(logits_CV, targets_C, ignore_index=IGNORE_INDEX, reduction="sum")
-
-    total = h_TH.new_zeros((), dtype=torch.promote_types(h_TH.dtype, torch.float32))
-    for start in range(0, h_TH.shape[0], chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        total = total + checkpoint(chunk_loss_sum, h_TH[rows], targets_T[rows], use_reentrant=False)
+    rows at a time (`_ChunkedCrossEntropy`): autograd keeps `h_TH` and one fp32 log-sum-exp per row,
+    never a [T, V] tensor. The value and gradients of `F.cross_entropy(head(h_TH).float(), targets_T)`
+    up to fp32 summation order."""
+    if head.bias is not None:
+        raise ValueError("chunked_cross_entropy needs an LM head without bias")
+    total = _ChunkedCrossEntropy.apply(h_TH, head.weight, targets_T, chunk_tokens)
     return total / (targets_T != IGNORE_INDEX).sum()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """sum over rows t of CE(h_t W^T, y_t), `chunk` rows at a time in forward and in backward.
+
+    Forward keeps only each row's log-sum-exp; backward recomputes a chunk's logits, turns them into
+    the gradient in place (softmax - one-hot, times the incoming gradient; zero for ignored rows) and
+    multiplies out dh and dW. dW is summed over chunks in fp32 and cast once: summing bf16 chunk
+    gradients in bf16 (as autograd would, e.g. under `torch.utils.checkpoint`) loses accuracy with
+    every chunk. Per chunk row the peak is the logits in the model dtype plus one fp32 copy; the fp32
+    dW sum is V x H x 4 bytes (bf16 models only: in fp32 it is the returned gradient itself).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int):
+        acc = torch.promote_types(h_TH.dtype, torch.float32)
+        valid_T = targets_T != IGNORE_INDEX
+        safe_T = targets_T.masked_fill(~valid_T, 0)
+        lse_T = torch.empty(h_TH.shape[0], dtype=acc, device=h_TH.device)
+        total = torch.zeros((), dtype=acc, device=h_TH.device)
+        for start in range(0, h_TH.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits_CV = (h_TH[rows] @ weight_VH.T).to(acc)
+            picked_C = logits_CV.gather(1, safe_T[rows, None]).squeeze(1)
+            max_C = logits_CV.amax(dim=1)
+            lse_C = max_C + logits_CV.sub_(max_C[:, None]).exp_().sum(dim=1).log()
+            lse_T[rows] = lse_C
+            total += torch.where(valid_T[rows], lse_C - picked_C, 0.0).sum()
+        ctx.save_for_backward(h_TH, weight_VH, safe_T, valid_T, lse_T)
+        ctx.chunk = chunk
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_total: torch.Tensor):
+        h_TH, weight_VH, safe_T, valid_T, lse_T = ctx.saved_tensors
+        acc = lse_T.dtype
+        want_h, want_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h_TH) if want_h else None
+        grad_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if want_w else None
+        for start in range(0, h_TH.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            g_CV = (h_TH[rows] @ weight_VH.T).to(acc)
+            g_CV.sub_(lse_T[rows, None]).exp_()  # softmax
+            g_CV[torch.arange(g_CV.shape[0], device=g_CV.device), safe_T[rows]] -= 1.0
+            g_CV.mul_((grad_total * valid_T[rows]).to(acc)[:, None])
+            g_CV = g_CV.to(h_TH.dtype)
+            if grad_h is not None:
+                grad_h[rows] = g_CV @ weight_VH
+            if grad_w is not None:
+                grad_w += g_CV.T @ h_TH[rows]
+        return grad_h, grad_w.to(weight_VH.dtype) if grad_w is not None else None, None, None
 
 
 @dataclass

@@ -373,17 +373,25 @@ class GroupReader:
 
 
 def hash_problem(ckpt: Path, files: dict[str, dict[str, Any]], threads: int = 8) -> str | None:
-    """The first file of meta.json's list (in its order) that is missing, of another size, or whose
-    sha256 differs; reads every file whole (`threads` at a time: hashlib releases the GIL)."""
+    """The first file of meta.json's list (in its order) that is missing, of another size, unreadable,
+    or whose sha256 differs; reads every file whole (`threads` at a time: hashlib releases the GIL) and
+    stops at the first bad one (files already being hashed finish)."""
     problem = size_problem(ckpt, files)
     if problem is not None:
         return problem
-    with ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
-        digests = pool.map(lambda rel: sha256_file(ckpt / rel), files)
-        for (rel, entry), got in zip(files.items(), digests):
+    pool = ThreadPoolExecutor(max(1, min(threads, len(files))))
+    try:
+        digests = [(rel, entry, pool.submit(sha256_file, ckpt / rel)) for rel, entry in files.items()]
+        for rel, entry, digest in digests:
+            try:
+                got = digest.result()
+            except OSError as e:
+                return f"{rel} cannot be read ({e})"
             if got != entry["sha256"]:
                 return f"{rel} is corrupt (its sha256 differs from meta.json's)"
-    return None
+        return None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def size_problem(ckpt: Path, files: dict[str, dict[str, Any]]) -> str | None:

@@ -98,9 +98,11 @@ class DeepSpeedConfig:
     global_batch_size: int | None = None
     """Optional check: must equal micro_batch_size * grad_accum * data-parallel world size."""
     reduce_bucket_size: int = 500_000_000
-    """ZeRO-1/2: elements per gradient-reduction bucket (DeepSpeed's `reduce_bucket_size`, whose
-    default this is). The bucket is allocated whatever the model size: 1 GB in bf16, plus its
-    reduction copy (`python -m train.memory memory.reduce_bucket_size=N`)."""
+    """Elements per gradient-reduction bucket of DeepSpeed's ZeRO optimizer (`reduce_bucket_size`, whose
+    default this is): ZeRO-2, and ZeRO-1 without bf16 or with `grad_accum_dtype=bf16`. Ignored by
+    ZeRO-1 with bf16 and fp32 accumulation (DeepSpeed's BF16_Optimizer: fixed 5e8-element all-reduce
+    buckets). The bucket is allocated whatever the model size (1 GB in bf16) plus its reduction copy
+    (`python -m train.memory memory.reduce_bucket_size=N`)."""
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2):
@@ -200,11 +202,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder layer in the backward pass (saves activation memory)."""
     loss_chunk_tokens: int = 0
-    """> 0: form the loss this many tokens at a time, each chunk recomputed in backward
-    (`moe.model.chunked_cross_entropy`). The LM head's vocabulary-wide tensors (~10 V bytes per token:
-    24.9 GB per rank for A2.7B at 4 x 4096 tokens) shrink to one chunk's, for one more LM-head matmul
-    per token. 0: the whole micro-batch at once. `python -m train.memory memory.loss_chunk_tokens=N`
-    shows the effect."""
+    """> 0: form the loss this many tokens at a time (`moe.model.chunked_cross_entropy`), each chunk's
+    logits recomputed in backward. The loss's vocabulary-wide tensors (14 V bytes per token: 34.9 GB per
+    rank for A2.7B at 4 x 4096 tokens) shrink to one chunk's (6 V bytes per token in bf16) plus an fp32
+    sum of the LM head's gradient (4 V H bytes), for one more LM-head matmul per token. 0: the whole
+    micro-batch at once. `python -m train.memory memory.loss_chunk_tokens=N` shows the effect."""
 
     def uses_cuda(self) -> bool:
         return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())

@@ -52,12 +52,13 @@ receives k*b*s rows). A test checks it against the tensors saved by the real mod
     shared expert + gate           4aI_s + ah + a      (without one, bf16 saves the normed input: -ah)
     dense MLP layers               4aI_d
     once                           8 + 2ad             token ids, RoPE cos/sin
-    LM head                        aV + 4V + 4V        logits; fp32 log-softmax; one more fp32 V-wide
-                                                       tensor at the loss (its input, then its gradient)
+    LM head                        aV + 4V + 8V        logits; fp32 log-softmax (saved); in backward, the
+                                                       fp32 gradients of the loss and of the log-softmax
 
 With `loss_chunk_tokens` = C > 0 (`moe.model.chunked_cross_entropy`) the LM head's vocabulary-wide
-tensors exist for one chunk at a time, recomputed in backward: C (aV + 8V) bytes per micro-batch
-instead of b s (aV + 8V).
+tensors exist for one chunk at a time (the logits in the model dtype and one fp32 copy, recomputed in
+backward): C (aV + 4V) bytes per micro-batch instead of b s (aV + 12V), plus, with bf16, the fp32 sum of
+the head's weight gradient over chunks (4VH).
 
 With activation checkpointing (each decoder layer recomputed in backward) a layer keeps only its input
 (ah) and, in MoE layers, its router's outputs (8E + 12k); the largest layer is live once more while it
@@ -303,8 +304,11 @@ class Activations:
     head: int
     """The vocabulary-wide part of `fixed`: logits and fp32 log-softmax."""
     loss_transient: int
-    """One more fp32 vocabulary-wide tensor at the loss (forward: the logits' fp32 copy; backward:
-    the log-softmax gradient)."""
+    """In backward, the fp32 gradients of the loss and of the log-softmax, next to the saved log-softmax."""
+    chunk_row: int
+    """Bytes per row of a loss chunk: its logits and one fp32 copy."""
+    chunk_fixed: int
+    """Bytes of a chunked loss whatever the chunk: bf16's fp32 sum of the head's weight gradient."""
 
     def per_token(self, checkpointing: bool) -> int:
         """Peak bytes per token; with checkpointing the largest layer is live again while recomputed."""
@@ -317,7 +321,8 @@ class Activations:
         if loss_chunk_tokens <= 0:
             return tokens * self.per_token(checkpointing)
         vocab = self.head + self.loss_transient
-        return tokens * (self.per_token(checkpointing) - vocab) + min(loss_chunk_tokens, tokens) * vocab
+        chunk = min(loss_chunk_tokens, tokens) * self.chunk_row + self.chunk_fixed
+        return tokens * (self.per_token(checkpointing) - vocab) + chunk
 
 
 def activations(cfg: ModelConfig, bf16: bool) -> Activations:
@@ -344,7 +349,15 @@ def activations(cfg: ModelConfig, bf16: bool) -> Activations:
         layers.append(2 * norm + attention + mlp)
     head = a * v + 4 * v
     fixed = 8 + 2 * a * d + norm + head
-    return Activations(layers=tuple(layers), kept=tuple(kept), fixed=fixed, head=head, loss_transient=4 * v)
+    return Activations(
+        layers=tuple(layers),
+        kept=tuple(kept),
+        fixed=fixed,
+        head=head,
+        loss_transient=8 * v,
+        chunk_row=a * v + 4 * v,
+        chunk_fixed=4 * v * h if bf16 else 0,
+    )
 
 
 def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> MemoryPlan:

@@ -120,3 +120,30 @@ def test_a_failed_write_raises_and_leaves_no_reader_confused(tmp_path):
     w.add("embed::fp32", [4096], 0, torch.zeros(4096))
     with pytest.raises(OSError, match="No space left on device"):
         w.close()
+
+
+def test_hash_check_names_the_first_bad_file_and_stops_there(tmp_path, monkeypatch):
+    """`hash_problem` (export's check): a corrupt file is named and the files after it are not read; an
+    unreadable file is a named problem, not an exception."""
+    files = {}
+    for i in range(6):
+        rel = f"f{i}.bin"
+        data = bytes([i]) * 1000
+        files[rel] = {"bytes": len(data), "sha256": store.write_file(tmp_path / rel, data)}
+    assert store.hash_problem(tmp_path, files) is None
+
+    (tmp_path / "f1.bin").write_bytes(b"\x09" * 1000)
+    hashed = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert (
+        store.hash_problem(tmp_path, files, threads=1)
+        == "f1.bin is corrupt (its sha256 differs from meta.json's)"
+    )
+    assert hashed[:2] == ["f0.bin", "f1.bin"] and len(hashed) <= 3  # at most one more had started
+
+    def unreadable(p):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "sha256_file", unreadable)
+    assert store.hash_problem(tmp_path, files) == "f0.bin cannot be read ([Errno 5] Input/output error)"

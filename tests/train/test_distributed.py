@@ -177,8 +177,9 @@ def test_checkpoint_io_is_shared_and_only_the_share_reaches_the_host(four_proces
     state_bytes = sum(p.numel() for p in model.parameters()) * 3 * 4  # fp32 weight and 2 Adam moments
     assert sum(io["tensor_bytes"]) == state_bytes
     assert max(io["tensor_bytes"]) / min(io["tensor_bytes"]) < 1.01, io
-    # allowance: the routers' selection biases (rank 0) and the collectives' scalar flags
-    allowance = 64 * 1024
+    # beyond the share: the collectives' scalar flags (on CPU they pass through `.to(cpu)`: measured
+    # 21-85 bytes) and, on rank 0, the routers' selection biases
+    biases = sum(m.selection_bias.numel() * 4 for m in model.modules() if hasattr(m, "selection_bias"))
     for rank, (copied, share) in enumerate(zip(io["host_copied"], io["tensor_bytes"])):
-        assert share <= copied <= share + allowance, (rank, io)
+        assert share <= copied <= share + 256 + (biases if rank == 0 else 0), (rank, io)
     assert all(f >= t for f, t in zip(io["file_bytes"], io["tensor_bytes"]))

@@ -67,8 +67,10 @@ is recomputed; the LM head is not checkpointed. A document-boundary attention ma
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from moe.config import ModelConfig
 from moe.params import CONFIG_DIR
@@ -488,8 +490,29 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
         f"{verdict} in {mem.gpu_memory_gb:g} GB: {p.total / GB:.2f} GB planned, "
         f"{(budget - p.total) / GB:+.2f} GB left (CUDA context, NCCL and fragmentation not counted)"
     )
+    if p.total > budget:
+        lines += _memory_hints(cfg, mem)
     lines.append(f"per_rank_GB {p.total / GB:.2f}")
     return "\n".join(lines)
+
+
+HINT_CHUNK_TOKENS = 1024
+
+
+def _memory_hints(cfg: ModelConfig, mem: MemoryConfig) -> list[str]:
+    """What the activation options this layout leaves off would plan, each added in turn."""
+    hints: list[str] = []
+    changes: dict[str, Any] = {}
+    for field_name, value in (
+        ("activation_checkpointing", True),
+        ("loss_chunk_tokens", HINT_CHUNK_TOKENS),
+    ):
+        if getattr(mem, field_name) in (False, 0):
+            changes[field_name] = value
+            total = plan(cfg, dataclasses.replace(mem, **changes)).total
+            options = " ".join(f"memory.{k}={str(v).lower()}" for k, v in changes.items())
+            hints.append(f"  with {options}: {total / GB:.2f} GB")
+    return hints
 
 
 def main() -> None:

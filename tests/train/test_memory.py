@@ -251,6 +251,19 @@ def test_format_plan_verdict_and_last_line():
     assert "does NOT fit in 1 GB" in out
     p = plan(cfg, MemoryConfig(world_size=8, ep_size=4, zero_stage=2))
     assert out.splitlines()[-1] == f"per_rank_GB {p.total / 1e9:.2f}"
+    # what does not fit names the activation options that would shrink it, with their plans
+    ckpt = plan(cfg, MemoryConfig(world_size=8, ep_size=4, zero_stage=2, activation_checkpointing=True))
+    both = plan(
+        cfg,
+        MemoryConfig(
+            world_size=8, ep_size=4, zero_stage=2, activation_checkpointing=True, loss_chunk_tokens=1024
+        ),
+    )
+    assert f"  with memory.activation_checkpointing=true: {ckpt.total / 1e9:.2f} GB" in out
+    assert (
+        f"  with memory.activation_checkpointing=true memory.loss_chunk_tokens=1024: {both.total / 1e9:.2f} GB"
+        in out
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,16 @@ import enum
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from data.config import BUILTIN, DataConfig
 from moe.config import ModelConfig
 from moe.experts import check_grouped_mm_alignment
+
+if TYPE_CHECKING:
+    from train.memory import MemoryConfig
 
 
 class ScheduleKind(str, enum.Enum):
@@ -317,9 +321,14 @@ class TrainConfig:
             if src.path != BUILTIN and not os.path.isdir(path):  # directories: possibly save_to_disk
                 data_files(path, f"data.sources[{i}] (path={src.path!r})")
 
-    def warnings(self, model: ModelConfig) -> list[str]:
-        """What is allowed but probably not meant, for `model` (`model_config()`)."""
+    def warnings(
+        self, model: ModelConfig, world_size: int = 1, gpu_memory_bytes: int | None = None
+    ) -> list[str]:
+        """What is allowed but probably not meant, for `model` (`model_config()`) on `world_size` ranks
+        with GPUs of `gpu_memory_bytes` (None: no GPU, no memory plan)."""
         out = []
+        if gpu_memory_bytes is not None:
+            out += self._memory_warning(model, world_size, gpu_memory_bytes)
         if self.data.seq_len > model.max_position_embeddings:
             origin = f"init_from {self.init_from}'s config.json" if self.init_from else "model"
             out.append(
@@ -330,6 +339,38 @@ class TrainConfig:
                 + ("" if self.init_from else f"; set model.max_position_embeddings={self.data.seq_len}")
             )
         return out
+
+    def memory_config(self, world_size: int, gpu_memory_bytes: float = 80e9) -> MemoryConfig:
+        """This run's layout as `train.memory` plans it (a `MemoryConfig`)."""
+        from train.memory import MemoryConfig
+
+        return MemoryConfig(
+            world_size=world_size,
+            ep_size=self.parallel.ep_size,
+            zero_stage=self.deepspeed.zero_stage,
+            bf16=self.uses_bf16(),
+            grad_accum_dtype=self.deepspeed.grad_accum_dtype,
+            micro_batch_size=self.deepspeed.micro_batch_size,
+            seq_len=self.data.seq_len,
+            activation_checkpointing=self.activation_checkpointing,
+            loss_chunk_tokens=self.loss_chunk_tokens,
+            gpu_memory_gb=gpu_memory_bytes / 1e9,
+            reduce_bucket_size=self.deepspeed.reduce_bucket_size,
+        )
+
+    def _memory_warning(self, model: ModelConfig, world_size: int, gpu_memory_bytes: int) -> list[str]:
+        from train.memory import GB, memory_hints, plan
+
+        mem = self.memory_config(world_size, gpu_memory_bytes)
+        total = plan(model, mem).total
+        if total <= gpu_memory_bytes:
+            return []
+        hints = "; ".join(memory_hints(model, mem, prefix=""))
+        return [
+            f"the memory plan of this run is {total / GB:.2f} GB per rank, more than this GPU's "
+            f"{gpu_memory_bytes / GB:.2f} GB (python -m train.memory shows the parts)"
+            + (f"; {hints}" if hints else "")
+        ]
 
 
 def launcher_world_size() -> int:

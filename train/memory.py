@@ -491,7 +491,7 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
         f"{(budget - p.total) / GB:+.2f} GB left (CUDA context, NCCL and fragmentation not counted)"
     )
     if p.total > budget:
-        lines += _memory_hints(cfg, mem)
+        lines += [f"  {hint}" for hint in memory_hints(cfg, mem)]
     lines.append(f"per_rank_GB {p.total / GB:.2f}")
     return "\n".join(lines)
 
@@ -499,8 +499,9 @@ def format_plan(cfg: ModelConfig, mem: MemoryConfig) -> str:
 HINT_CHUNK_TOKENS = 1024
 
 
-def _memory_hints(cfg: ModelConfig, mem: MemoryConfig) -> list[str]:
-    """What the activation options this layout leaves off would plan, each added in turn."""
+def memory_hints(cfg: ModelConfig, mem: MemoryConfig, prefix: str = "memory.") -> list[str]:
+    """What the activation options this layout leaves off would plan, each added in turn (option
+    names with `prefix`: the trainer's have none)."""
     hints: list[str] = []
     changes: dict[str, Any] = {}
     for field_name, value in (
@@ -510,8 +511,8 @@ def _memory_hints(cfg: ModelConfig, mem: MemoryConfig) -> list[str]:
         if getattr(mem, field_name) in (False, 0):
             changes[field_name] = value
             total = plan(cfg, dataclasses.replace(mem, **changes)).total
-            options = " ".join(f"memory.{k}={str(v).lower()}" for k, v in changes.items())
-            hints.append(f"  with {options}: {total / GB:.2f} GB")
+            options = " ".join(f"{prefix}{k}={str(v).lower()}" for k, v in changes.items())
+            hints.append(f"with {options}: {total / GB:.2f} GB")
     return hints
 
 

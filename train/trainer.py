@@ -83,7 +83,8 @@ class Trainer:
         if found:  # another architecture is refused now, by name
             self._resume_changes(found[0], asdict(expected), world)
         if int(os.environ.get("RANK", "0")) == 0:
-            for warning in cfg.warnings(expected):
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory if cfg.uses_cuda() else None
+            for warning in cfg.warnings(expected, world, gpu_memory):
                 print(f"warning: {warning}", file=sys.stderr)
         self.comm = Comm.init(cfg.device, timeout_s=cfg.dist_timeout_s)
         self.device, self.rank, self.world = self.comm.device, self.comm.rank, self.comm.world

@@ -206,3 +206,27 @@ def test_sequences_longer_than_the_model_claims_are_warned_about():
     )
     cfg.data.seq_len = 2048
     assert cfg.warnings(cfg.model_config()) == []
+
+
+def test_a_run_planned_beyond_the_gpu_memory_is_warned_about():
+    """On a GPU, the trainer warns (rank 0, before building anything) when `train.memory`'s plan of
+    this very run exceeds the device, naming what would fit."""
+    from moe.params import load_preset
+    from train.config import TrainConfig
+    from train.memory import plan
+
+    cfg = TrainConfig()
+    cfg.model = load_preset("qwen1_5_moe_a2_7b")
+    cfg.parallel.ep_size, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16 = 4, 2, True
+    cfg.deepspeed.micro_batch_size, cfg.data.seq_len = 4, 4096
+    cfg.activation_checkpointing = True
+    model = cfg.model_config()
+    warnings = [w for w in cfg.warnings(model, world_size=8, gpu_memory_bytes=80 * 10**9) if "memory" in w]
+    want = plan(model, cfg.memory_config(8)).total / 1e9
+    assert warnings == [
+        f"the memory plan of this run is {want:.2f} GB per rank, more than this GPU's 80.00 GB "
+        "(python -m train.memory shows the parts); with loss_chunk_tokens=1024: 49.15 GB"
+    ]
+    assert not any("memory plan" in w for w in cfg.warnings(model, world_size=8))  # no GPU: no plan
+    cfg.loss_chunk_tokens = 1024
+    assert not [w for w in cfg.warnings(model, world_size=8, gpu_memory_bytes=80 * 10**9) if "memory" in w]

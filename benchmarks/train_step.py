@@ -90,6 +90,7 @@ def bench(name: str, fields: dict, args, device: torch.device) -> dict:
     model.tie_weights()
     model.init_weights()
     model.gradient_checkpointing = args.checkpointing
+    model.loss_chunk_tokens = args.loss_chunk_tokens  # model FLOPs do not count its recomputation
     group = ds.shard_experts(model, 1)
     bf16 = device.type == "cuda"
     eng = ds.build_engine(
@@ -142,6 +143,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="auto")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--loss-chunk-tokens", type=int, default=0, help="the trainer's loss_chunk_tokens")
     p.add_argument("--only", choices=["moe", "dense"], default=None)
     args = p.parse_args()
     gpu = args.size == "gpu"

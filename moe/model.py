@@ -154,8 +154,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     the gradient in place (softmax - one-hot, times the incoming gradient; zero for ignored rows) and
     multiplies out dh and dW. dW is summed over chunks in fp32 and cast once: summing bf16 chunk
     gradients in bf16 (as autograd would, e.g. under `torch.utils.checkpoint`) loses accuracy with
-    every chunk. Per chunk row the peak is the logits in the model dtype plus one fp32 copy; the fp32
-    dW sum is V x H x 4 bytes (bf16 models only: in fp32 it is the returned gradient itself).
+    every chunk. Peak (a bytes per model-dtype element, bf16): the fp32 dW sum (4 V H) plus the larger
+    of a chunk's logits and their fp32 copy (C (a + 4) V) and a chunk's dW product with its gradient
+    (a V H + a C V); in fp32 the chunk's logits alone (4 C V), dW being the returned gradient itself.
     """
 
     @staticmethod
@@ -190,12 +191,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             g_CV = (h_TH[rows] @ weight_VH.T).to(acc)
             g_CV.sub_(lse_T[rows, None]).exp_()  # softmax
             g_CV[torch.arange(g_CV.shape[0], device=g_CV.device), safe_T[rows]] -= 1.0
-            g_CV.mul_((grad_total * valid_T[rows]).to(acc)[:, None])
+            # ignored rows get exactly zero (grad_total is inf when every target is ignored)
+            g_CV.mul_(torch.where(valid_T[rows], grad_total.to(acc), 0.0)[:, None])
             g_CV = g_CV.to(h_TH.dtype)
             if grad_h is not None:
                 grad_h[rows] = g_CV @ weight_VH
-            if grad_w is not None:
-                grad_w += g_CV.T @ h_TH[rows]
+            if grad_w is not None and grad_w.dtype == g_CV.dtype:
+                grad_w.addmm_(g_CV.T, h_TH[rows])  # fp32 / float64 models: no V x H temporary
+            elif grad_w is not None:
+                grad_w += g_CV.T @ h_TH[rows]  # bf16: a V x H product per chunk, summed in fp32
         return grad_h, grad_w.to(weight_VH.dtype) if grad_w is not None else None, None, None
 
 

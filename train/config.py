@@ -249,6 +249,8 @@ class TrainConfig:
             check_grouped_mm_alignment(model.hidden_size, model.moe_intermediate_size, dtype)
         for part in (self.optim, self.schedule, self.deepspeed, self.data):
             part.validate()
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but CUDA is not available")
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.loss_chunk_tokens < 0:
@@ -362,7 +364,12 @@ class TrainConfig:
         from train.memory import GB, memory_hints, plan
 
         mem = self.memory_config(world_size, gpu_memory_bytes)
-        total = plan(model, mem).total
+        if not model.is_moe:
+            mem.ep_size = 1  # a dense model ignores parallel.ep_size
+        try:
+            total = plan(model, mem).total
+        except ValueError:  # a layout the planner does not model: no warning (a warning never stops a run)
+            return []
         if total <= gpu_memory_bytes:
             return []
         hints = "; ".join(memory_hints(model, mem, prefix=""))

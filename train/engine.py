@@ -79,19 +79,18 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> tuple[i
 
 
 finished_cleanly = False
-"""Set by the trainer when a run ends normally (every rank got there): then NCCL is torn down at exit."""
+"""Set by the trainer when a run ends normally (every rank got there); reset when one starts."""
 
 
 def _destroy_process_group_at_exit() -> None:
-    """Destroy the process group while the interpreter is still whole.
+    """After a run that ended normally, destroy the process group while the interpreter is whole.
 
     Left to interpreter finalization, gloo's worker threads may still hold work objects with tensors
-    whose release needs the GIL: the process aborts ("terminate called without an active exception",
-    pytorch/pytorch#190489), turning a finished run into exit status 134. Gloo's teardown is local, so
-    it is always safe. NCCL's waits for the communicators' pending work, so after a failure, when a
-    peer may be gone, it is left to the process exit (and the launcher).
+    whose release needs the GIL (pytorch/pytorch#190489: the process aborts), and NCCL warns. The
+    teardown waits for pending work of the group, so after a failure, when a peer may never take part
+    again, it is skipped: the process exits at once and the launcher sees it.
     """
-    if dist.is_initialized() and (dist.get_backend() == "gloo" or finished_cleanly):
+    if dist.is_initialized() and finished_cleanly:
         dist.destroy_process_group()
 
 

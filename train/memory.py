@@ -57,8 +57,9 @@ receives k*b*s rows). A test checks it against the tensors saved by the real mod
 
 With `loss_chunk_tokens` = C > 0 (`moe.model.chunked_cross_entropy`) the LM head's vocabulary-wide
 tensors exist for one chunk at a time (the logits in the model dtype and one fp32 copy, recomputed in
-backward): C (aV + 4V) bytes per micro-batch instead of b s (aV + 12V), plus, with bf16, the fp32 sum of
-the head's weight gradient over chunks (4VH).
+backward): C (aV + 4V) bytes per micro-batch instead of b s (aV + 12V), or, with bf16, while a chunk's
+weight-gradient product is formed, aVH + C aV if larger; plus, with bf16, the fp32 sum of the head's
+weight gradient over chunks (4VH). In fp32: C 4V (no copy, no product).
 
 With activation checkpointing (each decoder layer recomputed in backward) a layer keeps only its input
 (ah) and, in MoE layers, its router's outputs (8E + 12k); the largest layer is live once more while it
@@ -308,9 +309,11 @@ class Activations:
     loss_transient: int
     """In backward, the fp32 gradients of the loss and of the log-softmax, next to the saved log-softmax."""
     chunk_row: int
-    """Bytes per row of a loss chunk: its logits and one fp32 copy."""
+    """Bytes per row of a loss chunk: its logits and (bf16) their fp32 copy."""
     chunk_fixed: int
     """Bytes of a chunked loss whatever the chunk: bf16's fp32 sum of the head's weight gradient."""
+    chunk_product: tuple[int, int]
+    """bf16: (fixed, per row) bytes while a chunk's weight-gradient product is formed (a V H + a C V)."""
 
     def per_token(self, checkpointing: bool) -> int:
         """Peak bytes per token; with checkpointing the largest layer is live again while recomputed."""
@@ -323,7 +326,9 @@ class Activations:
         if loss_chunk_tokens <= 0:
             return tokens * self.per_token(checkpointing)
         vocab = self.head + self.loss_transient
-        chunk = min(loss_chunk_tokens, tokens) * self.chunk_row + self.chunk_fixed
+        rows = min(loss_chunk_tokens, tokens)
+        fixed, per_row = self.chunk_product
+        chunk = max(rows * self.chunk_row, fixed + rows * per_row) + self.chunk_fixed
         return tokens * (self.per_token(checkpointing) - vocab) + chunk
 
 
@@ -357,8 +362,9 @@ def activations(cfg: ModelConfig, bf16: bool) -> Activations:
         fixed=fixed,
         head=head,
         loss_transient=8 * v,
-        chunk_row=a * v + 4 * v,
+        chunk_row=a * v + 4 * v if bf16 else 4 * v,
         chunk_fixed=4 * v * h if bf16 else 0,
+        chunk_product=(a * v * h, a * v) if bf16 else (0, 0),
     )
 
 

@@ -72,6 +72,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, callbacks: list[Callback] | None = None):
         # Everything that can be checked is, before the process group, the model or the data exist,
         # and nothing is written before all of it is built.
+        ds.finished_cleanly = False  # a sweep's earlier job may have set it
         world = launcher_world_size()
         self.cfg = cfg.validate(world)
         self.run_dir = Path(cfg.run_dir)
@@ -83,7 +84,8 @@ class Trainer:
         if found:  # another architecture is refused now, by name
             self._resume_changes(found[0], asdict(expected), world)
         if int(os.environ.get("RANK", "0")) == 0:
-            gpu_memory = torch.cuda.get_device_properties(0).total_memory if cfg.uses_cuda() else None
+            cuda = cfg.uses_cuda() and torch.cuda.is_available()  # else Comm.init says device=cuda is unusable
+            gpu_memory = torch.cuda.get_device_properties(0).total_memory if cuda else None
             for warning in cfg.warnings(expected, world, gpu_memory):
                 print(f"warning: {warning}", file=sys.stderr)
         self.comm = Comm.init(cfg.device, timeout_s=cfg.dist_timeout_s)

@@ -138,3 +138,18 @@ def test_chunked_loss_in_bf16_sums_the_head_gradient_in_fp32(tie):
         errors[chunk] = {n: float((got[n].double() - w).norm() / w.norm()) for n, w in want.items()}
     for name, whole in errors[0].items():
         assert errors[16][name] <= 1.5 * whole + 1e-4, (name, errors[16][name], whole)
+
+
+def test_chunked_loss_with_every_target_ignored_is_nan_with_zero_gradients_as_the_whole_loss():
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(4))
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    results = []
+    for chunk in (0, 5):
+        m = _model(num_experts=0).train()
+        m.loss_chunk_tokens = chunk
+        out, grads = _loss_and_grads(m, ids, targets)
+        results.append((out.ce_loss, grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert whole.isnan() and chunked.isnan()
+    for name, g in whole_grads.items():
+        assert torch.equal(chunked_grads[name], g), name  # zeros (no NaN from 0 * inf)

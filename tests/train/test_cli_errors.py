@@ -23,6 +23,7 @@ CASES = [
     ("zero_stage", "train.__main__", ["deepspeed.zero_stage=3"], TRAIN + "deepspeed.zero_stage must be 0, 1 or 2, got 3"),
     ("bucket", "train.__main__", ["deepspeed.reduce_bucket_size=0"], TRAIN + "deepspeed.reduce_bucket_size must be positive, got 0"),
     ("loss_chunks", "train.__main__", ["loss_chunk_tokens=-1"], TRAIN + "loss_chunk_tokens must be >= 0 (0: no chunks), got -1"),
+    ("no_cuda", "train.__main__", ["device=cuda"], TRAIN + "device=cuda but CUDA is not available"),
     ("top_k", "train.__main__", ["model.num_experts_per_tok=20"], TRAIN + "model.num_experts_per_tok=20 must be in [1, model.num_experts=14]"),
     ("ep_world", "train.__main__", ["parallel.ep_size=3"], TRAIN + "parallel.ep_size=3 must divide the world size 1"),
     ("init_from", "train.__main__", ["init_from=hf/none"], TRAIN + "init_from='hf/none': checkpoint directory hf/none does not exist"),
@@ -230,3 +231,8 @@ def test_a_run_planned_beyond_the_gpu_memory_is_warned_about():
     assert not any("memory plan" in w for w in cfg.warnings(model, world_size=8))  # no GPU: no plan
     cfg.loss_chunk_tokens = 1024
     assert not [w for w in cfg.warnings(model, world_size=8, gpu_memory_bytes=80 * 10**9) if "memory" in w]
+    # a dense model ignores parallel.ep_size (the planner refuses it): planned at ep 1, never an error
+    cfg.model = load_preset("qwen1_5_1_8b")
+    cfg.parallel.ep_size, cfg.activation_checkpointing, cfg.deepspeed.micro_batch_size = 2, False, 8
+    (warning,) = cfg.validate(2).warnings(cfg.model_config(), world_size=2, gpu_memory_bytes=80 * 10**9)
+    assert warning.startswith("the memory plan of this run is ")

@@ -149,6 +149,9 @@ def test_activation_formula_by_hand():
     chunk = 4 * (2 * 16 + 4 * 16) + 4 * 16 * 8
     chunked = plan(cfg, MemoryConfig(world_size=1, micro_batch_size=3, seq_len=5, loss_chunk_tokens=4))
     assert chunked.activations == 15 * (layer + fixed + 128 - vocab) + chunk
+    # one token per chunk: the chunk's weight-gradient product (V x h bf16 + its row) is the larger term
+    single = plan(cfg, MemoryConfig(world_size=1, micro_batch_size=3, seq_len=5, loss_chunk_tokens=1))
+    assert single.activations == 15 * (layer + fixed + 128 - vocab) + (2 * 16 * 8 + 2 * 16) + 4 * 16 * 8
 
 
 def _saved_bytes_per_token(

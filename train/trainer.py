@@ -84,7 +84,7 @@ class Trainer:
         if found:  # another architecture is refused now, by name
             self._resume_changes(found[0], asdict(expected), world)
         if int(os.environ.get("RANK", "0")) == 0:
-            cuda = cfg.uses_cuda() and torch.cuda.is_available()  # else Comm.init says device=cuda is unusable
+            cuda = cfg.uses_cuda() and torch.cuda.is_available()  # validate() refused device=cuda without
             gpu_memory = torch.cuda.get_device_properties(0).total_memory if cuda else None
             for warning in cfg.warnings(expected, world, gpu_memory):
                 print(f"warning: {warning}", file=sys.stderr)

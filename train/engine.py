@@ -214,6 +214,7 @@ def build_engine(
     grad_accum: int = 1,
     grad_clip: float = 1.0,
     reduce_bucket_size: int = 500_000_000,
+    overlap_comm: bool = False,
 ) -> Any:
     """deepspeed.initialize with our AdamW, LR schedule (`lr_lambda`: step -> LR factor; None:
     constant) and MoE groups. The defaults are `OptimConfig`'s and `DeepSpeedConfig`'s. Returns the engine.
@@ -224,7 +225,8 @@ def build_engine(
     8-bit mantissa drops small micro-batch contributions; ours is fp32. With fp32, ZeRO-1 runs
     DeepSpeed's `BF16_Optimizer` (fp32 gradient buffers for the whole model) and ZeRO-2 its ZeRO
     optimizer (fp32 gradient partitions). `reduce_bucket_size`: elements per reduction bucket of
-    the ZeRO optimizer (not used by BF16_Optimizer; `train.memory` counts it).
+    the ZeRO optimizer (not used by BF16_Optimizer; `train.memory` counts it). `overlap_comm`: ZeRO-2's
+    side-stream reduction with a second bucket.
     """
     marker = _MoEGroupsMarker(num_experts, ep_size) if ep_group_name is not None else None
     module = EngineModule(model, marker)
@@ -262,7 +264,7 @@ def build_engine(
             "stage": zero_stage,
             "contiguous_gradients": True,
             "reduce_scatter": True,
-            "overlap_comm": False,
+            "overlap_comm": overlap_comm,
             "reduce_bucket_size": reduce_bucket_size,
         },
     }

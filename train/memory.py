@@ -28,7 +28,7 @@ the gradients too, ZeRO-0 nothing. Groups are `train.engine.optimizer_groups`: d
 no-decay (biases, norms), then the experts split by DeepSpeed's
 `split_params_into_different_moe_groups_for_optimizer` into chunks of at most 178,956,971 elements.
 The reduce buffers are the ZeRO optimizer's IPG bucket (`reduce_bucket_size` elements of the weights'
-dtype, allocated at every backward whatever the model size) plus the largest flattened all-reduce copy
+dtype, allocated at every backward whatever the model size; two with ZeRO-2's `overlap_comm`) plus the largest flattened all-reduce copy
 in the communication dtype (ZeRO-0 and BF16_Optimizer: the engine's buckets of 5e8 elements; a bucket
 of one tensor is not copied). A ZeRO-1/2 bucket's fill (and ZeRO-1's first fill, below) depends on
 the order in which autograd hands over the gradients: exact when one bucket holds every gradient (as
@@ -113,12 +113,16 @@ class MemoryConfig:
     reduce_bucket_size: int = 500_000_000
     """DeepSpeed's zero_optimization.reduce_bucket_size in elements (the trainer's
     `deepspeed.reduce_bucket_size`)."""
+    overlap_comm: bool = False
+    """ZeRO-2's `overlap_comm` (the trainer's `deepspeed.overlap_comm`): a second reduction bucket."""
 
     def validate(self, model: ModelConfig) -> MemoryConfig:
         """Raise ValueError naming the first offending field. Returns self."""
         for name in ("world_size", "ep_size", "micro_batch_size", "seq_len", "reduce_bucket_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlap_comm and self.zero_stage != 2:
+            raise ValueError(f"memory.overlap_comm=true needs memory.zero_stage=2, got {self.zero_stage}")
         if self.loss_chunk_tokens < 0:
             raise ValueError(f"memory.loss_chunk_tokens must be >= 0, got {self.loss_chunk_tokens}")
         if self.gpu_memory_gb <= 0:
@@ -406,7 +410,8 @@ def plan(cfg: ModelConfig, mem: MemoryConfig, rank: int | None = None) -> Memory
                 gradients = max(_contiguous_peak(groups, r, mem, lp, n_local) for r in ranks)
             comm = 4 if not mem.bf16 or fp32_partitions else 2
             largest = min(mem.reduce_bucket_size, max(sum(dense_grads), sum(expert_grads)))
-            reduce = lp * mem.reduce_bucket_size + comm * largest
+            buckets = 2 if mem.overlap_comm else 1  # overlap_comm: double-buffered
+            reduce = buckets * lp * mem.reduce_bucket_size + comm * largest
     tokens, act = mem.micro_batch_size * mem.seq_len, activations(cfg, mem.bf16)
     return MemoryPlan(
         weights=weights,

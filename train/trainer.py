@@ -119,6 +119,7 @@ class Trainer:
             grad_accum=cfg.deepspeed.grad_accum,
             grad_clip=cfg.optim.grad_clip,
             reduce_bucket_size=cfg.deepspeed.reduce_bucket_size,
+            overlap_comm=cfg.deepspeed.overlap_comm,
         )
         self.objective = Objective(
             cfg.moe.balance_scope,

@@ -83,6 +83,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--grad-accum-dtype", default="fp32")
+    p.add_argument("--overlap-comm", action="store_true", help="ZeRO-2's overlap_comm")
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--no-grads", action="store_true")
     p.add_argument("--no-skew", action="store_true")
@@ -137,6 +138,7 @@ def train(args: argparse.Namespace, comm: Comm) -> dict:
         grad_clip=0.05,
         bf16=args.bf16,
         grad_accum_dtype=args.grad_accum_dtype,
+        overlap_comm=args.overlap_comm,
     )
     objective = Objective(BalanceScope(args.scope), 0.01, 0.001, comm, ds.dp_group())
     mb, ga, seqs = args.mb, args.ga, args.global_seqs

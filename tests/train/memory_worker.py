@@ -175,7 +175,9 @@ class Meter:
             self.opt.reduce_ipg_grads = reduce_ipg_grads
 
 
-def measure(zero: int, bf16: bool, accum: str, ep_size: int, bucket: int | None) -> dict[str, Any]:
+def measure(
+    zero: int, bf16: bool, accum: str, ep_size: int, bucket: int | None, overlap: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(0)
     cfg = model_config()
     model = Qwen2MoEForCausalLM(cfg)
@@ -188,6 +190,8 @@ def measure(zero: int, bf16: bool, accum: str, ep_size: int, bucket: int | None)
         raise SystemExit("train.engine.build_engine has no grad_accum_dtype (DeepSpeed's default is bf16)")
     if bucket is not None:
         kwargs["reduce_bucket_size"] = bucket
+    if overlap:
+        kwargs["overlap_comm"] = True
     eng = ds.build_engine(
         model,
         ep_group_name=group,
@@ -221,14 +225,22 @@ def main() -> None:
     rank, world = ds.init_distributed(torch.device("cpu"))
     results = []
     for spec in specs:
-        zero, bf16, accum, ep_size, *bucket = spec.split(":")
-        size = int(bucket[0]) if bucket else None
-        measured = measure(int(zero), bool(int(bf16)), accum, int(ep_size), size)
+        zero, bf16, accum, ep_size, *rest = spec.split(":")  # [:bucket (0: default)[:overlap_comm]]
+        size = (int(rest[0]) or None) if rest else None
+        overlap = len(rest) > 1 and rest[1] == "1"
+        measured = measure(int(zero), bool(int(bf16)), accum, int(ep_size), size, overlap)
         per_rank: list[Any] = [None] * world
         dist.all_gather_object(per_rank, measured)
         config = {"zero_stage": int(zero), "bf16": bool(int(bf16)), "grad_accum_dtype": accum}
         results.append(
-            {**config, "ep_size": int(ep_size), "world_size": world, "bucket": size, "ranks": per_rank}
+            {
+                **config,
+                "ep_size": int(ep_size),
+                "world_size": world,
+                "bucket": size,
+                "overlap_comm": overlap,
+                "ranks": per_rank,
+            }
         )
     if rank == 0:
         with open(out_path, "w") as f:

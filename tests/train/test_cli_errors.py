@@ -23,6 +23,7 @@ CASES = [
     ("zero_stage", "train.__main__", ["deepspeed.zero_stage=3"], TRAIN + "deepspeed.zero_stage must be 0, 1 or 2, got 3"),
     ("bucket", "train.__main__", ["deepspeed.reduce_bucket_size=0"], TRAIN + "deepspeed.reduce_bucket_size must be positive, got 0"),
     ("loss_chunks", "train.__main__", ["loss_chunk_tokens=-1"], TRAIN + "loss_chunk_tokens must be >= 0 (0: no chunks), got -1"),
+    ("overlap", "train.__main__", ["deepspeed.overlap_comm=true"], TRAIN + "deepspeed.overlap_comm=true needs deepspeed.zero_stage=2, got 1"),
     ("no_cuda", "train.__main__", ["device=cuda"], TRAIN + "device=cuda but CUDA is not available"),
     ("top_k", "train.__main__", ["model.num_experts_per_tok=20"], TRAIN + "model.num_experts_per_tok=20 must be in [1, model.num_experts=14]"),
     ("ep_world", "train.__main__", ["parallel.ep_size=3"], TRAIN + "parallel.ep_size=3 must divide the world size 1"),

@@ -297,9 +297,10 @@ def test_bad_inputs_dense_model_and_rank():
 
 # ---- against the real engine ----------------------------------------------------------------------
 
-# zero_stage:bf16:grad_accum_dtype:ep_size[:reduce_bucket_size]. ZeRO-0 is fp32 only (train.engine
-# refuses bf16 there); "2:1:fp32:1" shards the experts' state over an EDP group of 2 instead of 1; the
-# last sets `reduce_bucket_size` below the model's gradients (DeepSpeed's 5e8 default holds them all).
+# zero_stage:bf16:grad_accum_dtype:ep_size[:reduce_bucket_size (0: default)[:overlap_comm]]. ZeRO-0 is
+# fp32 only (train.engine refuses bf16 there); "2:1:fp32:1" shards the experts' state over an EDP group
+# of 2 instead of 1; a 100000 bucket is below the model's gradients (DeepSpeed's 5e8 default holds them
+# all); the last double-buffers the bucket (ZeRO-2 overlap_comm).
 ENGINE_CONFIGS = [
     "0:0:fp32:2",
     "1:1:fp32:2",
@@ -308,6 +309,7 @@ ENGINE_CONFIGS = [
     "2:1:bf16:2",
     "2:1:fp32:1",
     "2:1:fp32:2:100000",
+    "2:1:fp32:2:0:1",
 ]
 COMPARED = ("weights", "gradients", "master", "optimizer", "reduce_buffers")
 
@@ -337,6 +339,7 @@ def test_plan_matches_engine_two_processes(tmp_path):
             micro_batch_size=MICRO_BATCH,
             seq_len=SEQ,
             **({"reduce_bucket_size": run["bucket"]} if run["bucket"] else {}),
+            overlap_comm=run["overlap_comm"],
         )
         for rank, got in enumerate(run["ranks"]):
             assert got["optimizer"] == (mem.optimizer if mem.optimizer != "none" else "AdamW")
@@ -345,7 +348,7 @@ def test_plan_matches_engine_two_processes(tmp_path):
                 measured, planned = got["peak"][cat], getattr(want, cat)
                 rows.append(
                     f"{run['zero_stage']}:{run['bf16']:d}:{run['grad_accum_dtype']}:ep{mem.ep_size}"
-                    f":{mem.reduce_bucket_size} "
+                    f":{mem.reduce_bucket_size}{':overlap' if mem.overlap_comm else ''} "
                     f"rank {rank} {cat:<15} measured {measured:>13,} planned {planned:>13,}"
                 )
                 if cat == "reduce_buffers" and run["bucket"]:

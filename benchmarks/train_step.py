@@ -99,9 +99,10 @@ def bench(name: str, fields: dict, args, device: torch.device) -> dict:
         ep_size=1,
         num_experts=cfg.num_experts,
         lr=1e-4,
-        zero_stage=1,
+        zero_stage=args.zero,
         bf16=bf16,
         micro_batch_size=args.micro_batch,
+        overlap_comm=args.overlap_comm,
     )
     times = []
     for step in range(args.warmup + args.steps):
@@ -144,6 +145,8 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--loss-chunk-tokens", type=int, default=0, help="the trainer's loss_chunk_tokens")
+    p.add_argument("--zero", type=int, choices=[1, 2], default=1, help="ZeRO stage")
+    p.add_argument("--overlap-comm", action="store_true", help="ZeRO-2's overlap_comm")
     p.add_argument("--only", choices=["moe", "dense"], default=None)
     args = p.parse_args()
     gpu = args.size == "gpu"

@@ -11,9 +11,10 @@ Design choices:
   `loss_chunk_tokens`.
 - The vocabulary-wide tensors of the loss (bf16 logits, the saved fp32 log-softmax, and in backward
   the fp32 gradients of the loss and of the log-softmax: 14 V bytes per token, 34.9 GB per rank for
-  A2.7B at 4 x 4096 tokens) are the largest activations once the layers are checkpointed. With `loss_chunk_tokens` = C the loss runs C
-  tokens at a time, each chunk's logits recomputed in backward (`chunked_cross_entropy`): they are
-  then C x 6 V bytes in bf16, whatever the micro-batch, for one more LM-head matmul per token.
+  A2.7B at 4 x 4096 tokens) are the largest activations once the layers are checkpointed. With
+  `loss_chunk_tokens` = C the loss runs C tokens at a time, each chunk's logits recomputed in
+  backward (`chunked_cross_entropy`): they are then C x 6 V bytes in bf16, whatever the micro-batch,
+  for one more LM-head matmul per token.
 - `forward` returns the router decisions of every MoE layer, never stores them in globals: the
   trainer forms the losses and the expert-load metrics from them.
 - Targets are aligned with the inputs (a packed block of L+1 tokens gives inputs [:-1], targets [1:]);
@@ -166,9 +167,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         safe_T = targets_T.masked_fill(~valid_T, 0)
         lse_T = torch.empty(h_TH.shape[0], dtype=acc, device=h_TH.device)
         total = torch.zeros((), dtype=acc, device=h_TH.device)
-        for start in range(0, h_TH.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            logits_CV = (h_TH[rows] @ weight_VH.T).to(acc)
+        for rows in _row_chunks(h_TH.shape[0], chunk):
+            logits_CV = _chunk_logits(h_TH, weight_VH, rows, acc)
             picked_C = logits_CV.gather(1, safe_T[rows, None]).squeeze(1)
             max_C = logits_CV.amax(dim=1)
             lse_C = max_C + logits_CV.sub_(max_C[:, None]).exp_().sum(dim=1).log()
@@ -186,9 +186,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[:2]
         grad_h = torch.empty_like(h_TH) if want_h else None
         grad_w = torch.zeros(weight_VH.shape, dtype=acc, device=weight_VH.device) if want_w else None
-        for start in range(0, h_TH.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            g_CV = (h_TH[rows] @ weight_VH.T).to(acc)
+        for rows in _row_chunks(h_TH.shape[0], ctx.chunk):
+            g_CV = _chunk_logits(h_TH, weight_VH, rows, acc)
             g_CV.sub_(lse_T[rows, None]).exp_()  # softmax
             g_CV[torch.arange(g_CV.shape[0], device=g_CV.device), safe_T[rows]] -= 1.0
             # ignored rows get exactly zero (grad_total is inf when every target is ignored)
@@ -201,6 +200,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             elif grad_w is not None:
                 grad_w += g_CV.T @ h_TH[rows]  # bf16: a V x H product per chunk, summed in fp32
         return grad_h, grad_w.to(weight_VH.dtype) if grad_w is not None else None, None, None
+
+
+def _row_chunks(n: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, n, chunk)]
+
+
+def _chunk_logits(h_TH: torch.Tensor, weight_VH: torch.Tensor, rows: slice, acc: torch.dtype) -> torch.Tensor:
+    """One chunk's logits, rounded to the model dtype and then cast to `acc`, as `head(h).float()`
+    would give them: forward and backward must see the same values."""
+    return (h_TH[rows] @ weight_VH.T).to(acc)
 
 
 @dataclass

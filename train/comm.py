@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from train import engine as ds
+from train.config import check_device
 
 
 def bind_device(name: str) -> torch.device:
@@ -30,10 +31,7 @@ def bind_device(name: str) -> torch.device:
 
     Call before the process group exists: NCCL binds each communicator to the current CUDA device.
     """
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but CUDA is not available")
+    check_device(name)
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -258,8 +258,7 @@ class TrainConfig:
             check_grouped_mm_alignment(model.hidden_size, model.moe_intermediate_size, dtype)
         for part in (self.optim, self.schedule, self.deepspeed, self.data):
             part.validate()
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device=cuda but CUDA is not available")
+        check_device(self.device)
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.loss_chunk_tokens < 0:
@@ -310,8 +309,6 @@ class TrainConfig:
             raise ValueError("eval_at_start=true needs eval_every > 0 (it names the eval batches to score)")
         if self.max_nonfinite_in_a_row < 1:
             raise ValueError(f"max_nonfinite_in_a_row must be >= 1, got {self.max_nonfinite_in_a_row}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         self._check_data_paths()
         return self
 
@@ -351,13 +348,15 @@ class TrainConfig:
             )
         return out
 
-    def memory_config(self, world_size: int, gpu_memory_bytes: float = 80e9) -> MemoryConfig:
-        """This run's layout as `train.memory` plans it (a `MemoryConfig`)."""
+    def memory_config(
+        self, model: ModelConfig, world_size: int, gpu_memory_bytes: float = 80e9
+    ) -> MemoryConfig:
+        """This run's layout of `model` (`model_config()`) as `train.memory` plans it."""
         from train.memory import MemoryConfig
 
         return MemoryConfig(
             world_size=world_size,
-            ep_size=self.parallel.ep_size,
+            ep_size=self.parallel.ep_size if model.is_moe else 1,  # a dense model ignores ep_size
             zero_stage=self.deepspeed.zero_stage,
             bf16=self.uses_bf16(),
             grad_accum_dtype=self.deepspeed.grad_accum_dtype,
@@ -373,9 +372,7 @@ class TrainConfig:
     def _memory_warning(self, model: ModelConfig, world_size: int, gpu_memory_bytes: int) -> list[str]:
         from train.memory import GB, memory_hints, plan
 
-        mem = self.memory_config(world_size, gpu_memory_bytes)
-        if not model.is_moe:
-            mem.ep_size = 1  # a dense model ignores parallel.ep_size
+        mem = self.memory_config(model, world_size, gpu_memory_bytes)
         try:
             total = plan(model, mem).total
         except ValueError:  # a layout the planner does not model: no warning (a warning never stops a run)
@@ -388,6 +385,15 @@ class TrainConfig:
             f"{gpu_memory_bytes / GB:.2f} GB (python -m train.memory shows the parts)"
             + (f"; {hints}" if hints else "")
         ]
+
+
+def check_device(name: str) -> None:
+    """`device` names auto, cpu or cuda, and cuda only where CUDA is available (`TrainConfig.validate`
+    and `train.comm.bind_device`)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available")
 
 
 def launcher_world_size() -> int:

@@ -28,13 +28,15 @@ the gradients too, ZeRO-0 nothing. Groups are `train.engine.optimizer_groups`: d
 no-decay (biases, norms), then the experts split by DeepSpeed's
 `split_params_into_different_moe_groups_for_optimizer` into chunks of at most 178,956,971 elements.
 The reduce buffers are the ZeRO optimizer's IPG bucket (`reduce_bucket_size` elements of the weights'
-dtype, allocated at every backward whatever the model size; two with ZeRO-2's `overlap_comm`) plus the largest flattened all-reduce copy
-in the communication dtype (ZeRO-0 and BF16_Optimizer: the engine's buckets of 5e8 elements; a bucket
-of one tensor is not copied). A ZeRO-1/2 bucket's fill (and ZeRO-1's first fill, below) depends on
-the order in which autograd hands over the gradients: exact when one bucket holds every gradient (as
-DeepSpeed's default 5e8 does up to that many local parameters); otherwise the reduction copy is
-counted as a whole bucket (an upper bound) and the first fill follows parameter order (an estimate). Not counted: the short-lived low-precision copies inside those casts and
-flattens, the CUDA context, NCCL buffers, and allocator fragmentation (keep several GB of headroom).
+dtype, allocated at every backward whatever the model size; two with ZeRO-2's `overlap_comm`) plus the
+largest flattened all-reduce copy in the communication dtype (ZeRO-0 and BF16_Optimizer: the engine's
+buckets of 5e8 elements; a bucket of one tensor is not copied). A ZeRO-1/2 bucket's fill (and
+ZeRO-1's first fill, below) depends on the order in which autograd hands over the gradients: exact
+when one bucket holds every gradient (as DeepSpeed's default 5e8 does up to that many local
+parameters); otherwise the reduction copy is counted as a whole bucket (an upper bound) and the first
+fill follows parameter order (an estimate). Not counted: the short-lived low-precision copies inside
+those casts and flattens, the CUDA context, NCCL buffers, and allocator fragmentation (keep several
+GB of headroom).
 
 Activations of one micro-batch (b sequences of s tokens: bytes per token times b*s; a: bytes of an
 activation, 2 with bf16; h hidden, n query heads, g key/value heads, d head dim, k experts per token,

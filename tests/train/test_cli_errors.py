@@ -224,7 +224,7 @@ def test_a_run_planned_beyond_the_gpu_memory_is_warned_about():
     cfg.activation_checkpointing = True
     model = cfg.model_config()
     warnings = [w for w in cfg.warnings(model, world_size=8, gpu_memory_bytes=80 * 10**9) if "memory" in w]
-    want = plan(model, cfg.memory_config(8)).total / 1e9
+    want = plan(model, cfg.memory_config(model, 8)).total / 1e9
     assert warnings == [
         f"the memory plan of this run is {want:.2f} GB per rank, more than this GPU's 80.00 GB "
         "(python -m train.memory shows the parts); with loss_chunk_tokens=1024: 49.15 GB"

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train.engine import free_port  # noqa: F401 (the tests' port picker)
+from train.engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
@@ -26,26 +26,28 @@ TINY = [
 ]
 
 
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+"""What every test launch sets: DeepSpeed's CPU accelerator, one thread per process."""
+
+
+def module_cmd(
+    module: str, *args: str, procs: int = 1, port: int | None = None, local_rank_arg: bool = True
+) -> list[str]:
+    """`python -m module args`, alone for one process, else under the deepspeed launcher on `port` (a
+    free one by default). Workers that do not parse `--local_rank` need `local_rank_arg=False`."""
+    if procs == 1:
+        return [sys.executable, "-m", module, *args]
+    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs)]
+    launcher += ["--master_port", str(port or free_port())]
+    launcher += [] if local_rank_arg else ["--no_local_rank"]
+    return [sys.executable, *launcher, "--module", module, *args]
+
+
 def train(
     run_dir: Path, *overrides: str, procs: int = 1, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
-    args = [*TINY, f"run_dir={run_dir}", *overrides]
-    if procs == 1:
-        cmd = [sys.executable, "-m", "train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(procs),
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "train",
-            *args,
-        ]
-    full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **(env or {}))
+    cmd = module_cmd("train", *TINY, f"run_dir={run_dir}", *overrides, procs=procs)
+    full_env = dict(os.environ, **CPU_ENV, **(env or {}))
     res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
     if check:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]

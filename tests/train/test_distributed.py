@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from moe.model import Qwen2MoEForCausalLM
 from tests.train.ep_worker import EMPTY_RANK_STEP, SKEW_STEP, global_batch, tiny_moe
-from tests.train.runner import free_port
+from tests.train.runner import CPU_ENV, free_port, module_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -28,14 +27,10 @@ pytestmark = pytest.mark.slow
 def run_worker(tmp: Path, procs: int, **runs: str) -> dict[str, dict]:
     """One launch of `procs` processes running each named run (worker arguments) in turn."""
     out = tmp / "records.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, **CPU_ENV)
     port = free_port()
-    worker = ["tests.train.ep_worker", str(out), *(f"{name}={args}" for name, args in runs.items())]
-    if procs == 1:
-        cmd = [sys.executable, "-m", *worker]
-    else:
-        launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port", str(port)]
-        cmd = [sys.executable, *launcher, "--no_local_rank", "--module", *worker]
+    args = [str(out), *(f"{name}={args}" for name, args in runs.items())]
+    cmd = module_cmd("tests.train.ep_worker", *args, procs=procs, port=port, local_rank_arg=False)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     # DeepSpeed's CPU shared-memory workspace must not outlive the run (train.engine unlinks it)

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.train.live_worker import probe_ids
-from tests.train.runner import ROOT, TINY, free_port, losses, train
+from tests.train.runner import CPU_ENV, ROOT, TINY, losses, module_cmd, train
 from train import checkpoint
 from train.export import export
 
@@ -22,20 +21,9 @@ pytestmark = pytest.mark.slow
 def train_live(run, *overrides: str, procs: int = 1) -> torch.Tensor:
     """`Trainer(...).fit()` in `procs` processes; returns the in-memory model's final probe logits."""
     out = run.parent / f"{run.name}_live.pt"
-    worker = ["tests.train.live_worker", str(out), *TINY, f"run_dir={run}", *overrides]
-    if procs == 1:
-        cmd = [sys.executable, "-m", *worker]
-    else:
-        launcher = [
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(procs),
-            "--master_port",
-            str(free_port()),
-        ]
-        cmd = [sys.executable, *launcher, "--no_local_rank", "--module", *worker]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    args = [str(out), *TINY, f"run_dir={run}", *overrides]
+    cmd = module_cmd("tests.train.live_worker", *args, procs=procs, local_rank_arg=False)
+    env = dict(os.environ, **CPU_ENV)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     return torch.load(out, weights_only=True)

@@ -317,15 +317,12 @@ COMPARED = ("weights", "gradients", "master", "optimizer", "reduce_buffers")
 @pytest.mark.slow
 def test_plan_matches_engine_two_processes(tmp_path):
     from tests.train.memory_worker import MICRO_BATCH, SEQ, model_config
-    from tests.train.runner import free_port
+    from tests.train.runner import CPU_ENV, module_cmd
 
     out = tmp_path / "memory.json"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
-    cmd += ["--master_port", str(free_port()), "--no_local_rank", "--module", "tests.train.memory_worker"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [*cmd, str(out), *ENGINE_CONFIGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
+    cmd = module_cmd("tests.train.memory_worker", str(out), *ENGINE_CONFIGS, procs=2, local_rank_arg=False)
+    env = dict(os.environ, **CPU_ENV)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     cfg = model_config()
     rows = []

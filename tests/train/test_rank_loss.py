@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.train.runner import ROOT, TINY, free_port, metrics, train
+from tests.train.runner import CPU_ENV, ROOT, TINY, metrics, module_cmd, train
 from train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -43,9 +42,8 @@ def straight(tmp_path_factory):
 def test_sigkill_of_one_rank_ends_the_job_and_resume_is_exact(tmp_path, straight):
     run = tmp_path / "run"
 
-    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
-    cmd = [sys.executable, *launcher, "--module", "train", *TINY, f"run_dir={run}", *COMMON, "parallel=ep2"]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", FINEMOE_FAULT_KILL="1:3")
+    cmd = module_cmd("train", *TINY, f"run_dir={run}", *COMMON, "parallel=ep2", procs=2)
+    env = dict(os.environ, **CPU_ENV, FINEMOE_FAULT_KILL="1:3")
     start = time.monotonic()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - start

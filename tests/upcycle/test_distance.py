@@ -14,24 +14,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2MoeForCausalLM
 
-from tests.upcycle.fixtures import FFN, make_dense, report
+from tests.upcycle.fixtures import EXACT_CASES, FFN, make_dense, report
 from upcycle import MoEShape, UpcycleConfig, upcycle
 from upcycle.calibration import calibration_ids
 from upcycle.config import CalibrationConfig
 
-EXACT = {
-    "copy": (dict(num_experts=4, num_experts_per_tok=2), dict(strategy="copy")),
-    "granular_exact": (
-        dict(
-            num_experts=8,
-            num_experts_per_tok=4,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=0,
-            norm_topk_prob=True,
-        ),
-        dict(strategy="granular", granular_exact=True),
-    ),
-}
+EXACT = {case: EXACT_CASES[case] for case in ("copy", "granular_exact")}
 FINE = MoEShape(
     num_experts=10, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32
 )

@@ -5,43 +5,18 @@ import pytest
 import torch
 
 from moe.hf import CheckpointReader
-from tests.upcycle.fixtures import dense_logits, input_ids, logits_hf, logits_ours, make_dense, tensors
+from tests.upcycle.fixtures import (
+    EXACT_CASES,
+    dense_logits,
+    input_ids,
+    logits_hf,
+    logits_ours,
+    make_dense,
+    tensors,
+)
 from upcycle import MoEShape, UpcycleConfig, upcycle
 
 TOL = dict(rtol=0, atol=1e-5)
-
-EXACT_CASES = {
-    # sparse upcycling: 4 copies of the FFN, top-2 renormalised (shared size / norm_topk_prob forced)
-    "copy": (dict(num_experts=4, num_experts_per_tok=2), dict(strategy="copy")),
-    # virtual groups, no shared expert: G = 96 / 24 = 4 shards x 2 copies, top-4
-    "granular_exact": (
-        dict(
-            num_experts=8,
-            num_experts_per_tok=4,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=0,
-            norm_topk_prob=True,
-        ),
-        dict(strategy="granular", granular_exact=True),
-    ),
-    # shared expert from dense neurons [0, 32), the other 64 in G = 3 shards of 24 (8 padding neurons),
-    # 4 copies each, top-6 = two whole virtual groups
-    "granular_exact_shared_padded_top2g": (
-        dict(
-            num_experts=12,
-            num_experts_per_tok=6,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=32,
-            norm_topk_prob=True,
-        ),
-        dict(strategy="granular", granular_exact=True),
-    ),
-    # only layer 1 is MoE (decoder_sparse_step=2): layer 0 keeps its dense FFN, copied
-    "copy_sparse_step": (
-        dict(num_experts=3, num_experts_per_tok=1, decoder_sparse_step=2),
-        dict(strategy="copy"),
-    ),
-}
 
 
 @pytest.mark.parametrize("case", list(EXACT_CASES))

@@ -13,15 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from moe.config import ModelConfig
-from moe.model import Qwen2MoEForCausalLM
-from train import engine as ds
-from train.comm import Comm
-from train.metrics import flops_per_token, peak_tflops
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/, whose data.py
+# would shadow the data package (train.comm -> train.config -> data.config)
+
+from moe.config import ModelConfig  # noqa: E402
+from moe.model import Qwen2MoEForCausalLM  # noqa: E402
+from train import engine as ds  # noqa: E402
+from train.comm import Comm  # noqa: E402
+from train.metrics import flops_per_token, peak_tflops  # noqa: E402
 
 A27B = dict(
     vocab_size=151936,

@@ -28,6 +28,7 @@ import errno
 import hashlib
 import json
 import os
+from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -375,20 +376,32 @@ class GroupReader:
 def hash_problem(ckpt: Path, files: dict[str, dict[str, Any]], threads: int = 8) -> str | None:
     """The first file of meta.json's list (in its order) that is missing, of another size, unreadable,
     or whose sha256 differs; reads every file whole (`threads` at a time: hashlib releases the GIL) and
-    stops at the first bad one (files already being hashed finish)."""
+    stops at the first bad one. At most `threads` files are in flight: a file is queued only when the
+    oldest one has checked out, so at most `threads - 1` files after the bad one are read."""
     problem = size_problem(ckpt, files)
     if problem is not None:
         return problem
+    todo = iter(files.items())
+    window: deque[tuple[str, dict[str, Any], Future[str]]] = deque()
     pool = ThreadPoolExecutor(max(1, min(threads, len(files))))
+
+    def queue_next() -> None:
+        item = next(todo, None)
+        if item is not None:
+            window.append((item[0], item[1], pool.submit(sha256_file, ckpt / item[0])))
+
     try:
-        digests = [(rel, entry, pool.submit(sha256_file, ckpt / rel)) for rel, entry in files.items()]
-        for rel, entry, digest in digests:
+        for _ in range(max(1, threads)):
+            queue_next()
+        while window:
+            rel, entry, digest = window.popleft()
             try:
                 got = digest.result()
             except OSError as e:
                 return f"{rel} cannot be read ({e})"
             if got != entry["sha256"]:
                 return f"{rel} is corrupt (its sha256 differs from meta.json's)"
+            queue_next()
         return None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -140,7 +140,10 @@ def test_hash_check_names_the_first_bad_file_and_stops_there(tmp_path, monkeypat
         store.hash_problem(tmp_path, files, threads=1)
         == "f1.bin is corrupt (its sha256 differs from meta.json's)"
     )
-    assert hashed[:2] == ["f0.bin", "f1.bin"] and len(hashed) <= 3  # at most one more had started
+    assert hashed == ["f0.bin", "f1.bin"]  # one thread: nothing after the bad file is read
+    hashed.clear()
+    assert store.hash_problem(tmp_path, files, threads=2) is not None
+    assert hashed[:2] == ["f0.bin", "f1.bin"] and len(hashed) <= 3  # at most threads - 1 more
 
     def unreadable(p):
         raise OSError(5, "Input/output error")

@@ -1,6 +1,7 @@
 """launch.run: multi-node commands from a hostfile."""
 
 import base64
+import contextlib
 import json
 import os
 import shlex
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.run import read_hostfile
-from tests.train.runner import TINY, free_port, losses, metrics, train
+from tests.train.runner import TINY, free_port, logged_steps, losses, train
 from train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def test_bad_hostfile(tmp_path):
 def _wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and len(metrics(run)) >= n:
+        if logged_steps(run) >= n:
             return
         time.sleep(0.2)
     raise AssertionError(f"fewer than {n} steps logged (exit status {proc.poll()})")
@@ -85,14 +86,16 @@ def test_sigterm_to_launch_run_saves_the_current_step_and_resume_continues(tmp_p
     cmd += ["--", *TINY, f"run_dir={run}", "max_steps=400", "parallel=ep2"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             _wait_for_steps(run, 2, proc)
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        finally:  # on a failure, the launcher and its trainers too (its own process group)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert rc == 0, text[-3000:]
     assert "launch.run: signal 15 forwarded to 2 trainers" in text
@@ -109,7 +112,7 @@ def test_sigterm_to_launch_run_saves_the_current_step_and_resume_continues(tmp_p
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "$@" > "$FAKE/srun.args"
 trap 'echo TERM > "$FAKE/srun.signal"; exit 0' TERM
-echo $$ > "$FAKE/srun.pid"
+echo $$ > "$FAKE/srun.pid.tmp" && mv "$FAKE/srun.pid.tmp" "$FAKE/srun.pid"  # never seen empty
 while :; do sleep 0.1; done
 """
 FAKE_SCANCEL = """#!/usr/bin/env bash
@@ -147,12 +150,17 @@ def test_slurm_template_forwards_the_early_sigterm_to_the_job_steps(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group: killed whole if the test fails
     )
-    deadline = time.time() + 60
-    while not (fake / "srun.pid").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while not (fake / "srun.pid").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert (fake / "scancel.args").read_text().split() == ["--signal=TERM", "4242"]
     assert (fake / "srun.signal").read_text().strip() == "TERM"

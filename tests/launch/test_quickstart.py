@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,19 @@ import pytest
 from tests.train.runner import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too: the quickstart's dense stage uses p, its MoE stage p + 1."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two adjacent free ports")
 
 
 @pytest.mark.slow
@@ -32,7 +46,7 @@ def test_quickstart_pipeline_two_processes(tmp_path):
             "--wandb",
             "disabled",
             "--master-port",
-            str(free_port()),
+            str(free_port_pair()),
         ],
         cwd=ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

@@ -58,5 +58,11 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def logged_steps(run_dir: Path) -> int:
+    """Complete lines of a running trainer's metrics.jsonl (a line being appended may be half there)."""
+    path = run_dir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["train/loss"] for m in metrics(run_dir)}

@@ -143,7 +143,8 @@ def test_hash_check_names_the_first_bad_file_and_stops_there(tmp_path, monkeypat
     assert hashed == ["f0.bin", "f1.bin"]  # one thread: nothing after the bad file is read
     hashed.clear()
     assert store.hash_problem(tmp_path, files, threads=2) is not None
-    assert hashed[:2] == ["f0.bin", "f1.bin"] and len(hashed) <= 3  # at most threads - 1 more
+    # two worker threads: f0 and f1 in either order, at most threads - 1 = 1 file after the bad one
+    assert {"f0.bin", "f1.bin"} <= set(hashed) <= {"f0.bin", "f1.bin", "f2.bin"}
 
     def unreadable(p):
         raise OSError(5, "Input/output error")

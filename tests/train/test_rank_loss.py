@@ -44,11 +44,12 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_exact(tmp_path, straight
 
     cmd = module_cmd("train", *TINY, f"run_dir={run}", *COMMON, "parallel=ep2", procs=2)
     env = dict(os.environ, **CPU_ENV, FINEMOE_FAULT_KILL="1:3")
-    start = time.monotonic()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    elapsed = time.monotonic() - start
+    # timed from the last change to checkpoints/ (step 2's rename, just before rank 1 dies), not from
+    # the launch: start-up time depends on the machine's load, the teardown is what is tested
+    since_kill = time.time() - (run / "checkpoints").stat().st_mtime
     assert res.returncode != 0, res.stdout[-2000:]
-    assert elapsed < 120, elapsed  # ended by itself, well inside the 300 s guard
+    assert since_kill < 60, since_kill  # ended by the launcher, not by the 60 s collective timeout
     assert [p.name for p in checkpoint.list_complete(run)] == ["step_00000002"]
     assert [m["step"] for m in metrics(run)] == [1, 2]
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.train.runner import ROOT, TINY, losses, metrics, train
+from tests.train.runner import ROOT, TINY, logged_steps, losses, metrics, train
 from train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -68,11 +68,15 @@ def test_sigterm_saves_a_resumable_checkpoint(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(metrics(run)) >= 2):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=300)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and logged_steps(run) < 2:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:  # a failed test leaves no trainer running 400 steps
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, out[-3000:]
     (ckpt,) = checkpoint.list_complete(run)
     stopped_at = json.loads((ckpt / "meta.json").read_text())["step"]

@@ -257,11 +257,13 @@ class _Prefetcher:
 
     def stop(self) -> None:
         self._stop.set()
+        _Prefetcher.live.discard(self)
+        if threading.current_thread() is self._thread:
+            return  # the loader was collected on this thread (gc runs anywhere): it ends after this item
         while self._thread.is_alive():
             with contextlib.suppress(queue.Empty):  # unblock a producer waiting on a full queue
                 self._queue.get(timeout=0.01)
         self._thread.join()
-        _Prefetcher.live.discard(self)
 
 
 @atexit.register

@@ -473,7 +473,8 @@ _OPEN_LOCK = threading.Lock()
 
 
 def open_prepared(root: Path, max_open: int = 64) -> PreparedDir:
-    """The process's `PreparedDir` for `root` (sizes checked when first opened).
+    """The process's `PreparedDir` for `root` (sizes checked at every open). Opened again with another
+    `max_open`, the shared handle cache keeps the smaller bound (the bound is per process).
 
     Raises:
         FileNotFoundError, ValueError: as `read_index` and `check_sizes`.
@@ -486,4 +487,5 @@ def open_prepared(root: Path, max_open: int = 64) -> PreparedDir:
             _OPEN[key] = found
         else:
             check_sizes(root, found.index)  # every open checks sizes (a stat per file)
+            found.handles.max_open = min(found.handles.max_open, max_open)
         return found

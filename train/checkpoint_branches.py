@@ -9,6 +9,7 @@ checkpoints whose files are missing or of the wrong size (a stat per file).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -161,13 +162,26 @@ def move_aside_other_branches(root: Path, final: Path, parent: str | None) -> No
         return
     origin = "scratch" if parent is None else known[parent][0].name if parent in known else parent
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    dest = root / ABANDONED / f"{stamp}_{final.name}_from_{origin}"
-    dest.mkdir(parents=True, exist_ok=True)
+    dest = _new_dir(root / ABANDONED, f"{stamp}_{final.name}_from_{origin}")
     for p in others:
         os.rename(p, dest / p.name)
     store.fsync_dir(dest)
     names = ", ".join(p.name for p in others)
     print(f"checkpoints: {final.name} continues {origin}; the other branch ({names}) moved to {dest}")
+
+
+def _new_dir(parent: Path, name: str) -> Path:
+    """A directory `parent/name` created now, `name_2`, `name_3`, ... when it exists (two rollbacks to
+    the same checkpoint that save the same step within a second)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = parent / (name if n == 1 else f"{name}_{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise AssertionError("unreachable")
 
 
 def prune(root: Path, final: Path, keep_last: int) -> None:

@@ -249,3 +249,30 @@ def test_prefetch_threads_are_stopped_before_interpreter_teardown() -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "prefetching at exit: []" in res.stdout, res.stdout
+
+
+def test_a_prefetcher_stopped_from_its_own_thread_does_not_wait_for_itself() -> None:
+    """The garbage collector may free a loader (and stop its prefetcher) on any thread, the prefetch
+    thread included; stopping must then only ask the thread to end, not wait for it (that spun forever,
+    and the consumer's next `get` never returned)."""
+    import threading
+
+    from data.loader import _Prefetcher
+
+    box: dict[str, _Prefetcher] = {}
+    stopped = threading.Event()
+
+    def assemble(start: int) -> dict[str, torch.Tensor]:
+        if start == 1:  # the second batch: as if collected here
+            while "p" not in box:  # the constructor has returned
+                pass
+            box["p"].stop()
+            stopped.set()
+        return {"x": torch.tensor([start])}
+
+    box["p"] = _Prefetcher(assemble, 0, 1, depth=1)
+    assert box["p"].get()["x"].item() == 0
+    assert stopped.wait(timeout=30), "stop() called on the prefetch thread did not return"
+    box["p"]._thread.join(timeout=30)
+    assert not box["p"]._thread.is_alive()
+    assert box["p"] not in _Prefetcher.live

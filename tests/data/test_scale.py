@@ -20,6 +20,7 @@ from data.config import SourceConfig
 from data.dataset import build_dataset
 from data.loader import build_loader
 from data.prepare import PrepareConfig, prepare
+from data.shards import open_prepared
 from tests.data.helpers import blocks_of, data_config, make_docs, take, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,6 +78,14 @@ def test_a_small_bound_is_kept_and_shared_by_both_loaders(many_shards, tokenizer
         assert shared.handles.num_open <= 8
 
 
+def test_the_tighter_bound_wins_when_a_directory_is_opened_again(many_shards):
+    """Both loaders share one handle cache per directory; the second open's bound is not ignored."""
+    first = open_prepared(Path(many_shards.prepared_dir), 64)
+    again = open_prepared(Path(many_shards.prepared_dir), 8)
+    assert again is first and first.handles.max_open == 8
+    assert open_prepared(Path(many_shards.prepared_dir), 64).handles.max_open == 8
+
+
 def test_train_start_checks_sizes_only(tmp_path, cache_dir, tokenizer):
     """`data.prepare` stamps its output: building the train and eval loaders then reads almost nothing
     (before: every shard hashed by each loader, on every rank, at every start). A copy (new mtimes)
@@ -106,6 +115,7 @@ DRIVER = """
 import sys
 from data.config import DataConfig, SourceConfig
 from data.prepare import PrepareConfig, prepare
+from data.shards import open_prepared
 corpus, out, cache = sys.argv[1:4]
 cfg = DataConfig(sources=[SourceConfig(path=corpus)], cache_dir=cache, prepared_dir=out, eval_fraction=0.1)
 prepare(PrepareConfig(data=cfg, num_workers=2, docs_per_task=16, shard_tokens=3000, progress=False,

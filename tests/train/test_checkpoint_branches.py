@@ -131,3 +131,33 @@ def test_saving_between_two_old_checkpoints(tmp_path, keep_last, kept):
     assert checkpoint.resolve_resume("auto", tmp_path) == root / "step_00000150"
     (branch,) = (root / checkpoint.ABANDONED).iterdir()
     assert [p.name for p in branch.iterdir()] == ["step_00000200"]
+
+
+def test_two_rollbacks_that_save_the_same_step_within_a_second_keep_both_branches(tmp_path, monkeypatch):
+    """[100 (a), 200 (b)]; back to a, save 200 again (b2); back to a once more, save 200 (b3), all within
+    one second. Both abandoned 200s stay visible, in two directories (before: the second move renamed
+    onto the first branch's step_00000200 and the save failed)."""
+    from datetime import datetime, timezone
+
+    from train import checkpoint_branches
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 30, 12, 0, 0, tzinfo=timezone.utc)
+
+    monkeypatch.setattr(checkpoint_branches, "datetime", Frozen)
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 100, "a", None)
+    fake_checkpoint(root, 200, "b", "a")
+    for ckpt_id in ("b2", "b3"):
+        new = fake_checkpoint(tmp_path / "tmp", 200, ckpt_id, "a")
+        checkpoint.move_aside_other_branches(root, root / new.name, "a")
+        new.rename(root / new.name)
+    assert meta(root / "step_00000200")["id"] == "b3"
+    abandoned = sorted((root / checkpoint.ABANDONED).iterdir())
+    assert [p.name for p in abandoned] == [
+        "20261130T120000_step_00000200_from_step_00000100",
+        "20261130T120000_step_00000200_from_step_00000100_2",
+    ]
+    assert [meta(p / "step_00000200")["id"] for p in abandoned] == ["b", "b2"]

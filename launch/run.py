@@ -204,13 +204,19 @@ def trainer_processes(root_pid: int) -> list[Any]:
 def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` (a DeepSpeed launcher); on SIGTERM, signal its trainers and keep waiting for it.
 
-    Before any trainer has started there is nothing to save: the launcher itself is terminated.
+    Before any trainer has started there is nothing to save: the launcher itself is terminated. The
+    handler is installed before the launcher starts: a SIGTERM that arrives while it is being started
+    is forwarded as soon as it runs (before, the default action killed this process and orphaned it).
     """
-    proc = subprocess.Popen(cmd, env=env)
+    started: list[subprocess.Popen] = []
+    pending: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
-        trainers = trainer_processes(proc.pid)
-        targets = trainers or [proc]
+        if not started:
+            pending.append(signum)
+            return
+        trainers = trainer_processes(started[0].pid)
+        targets = trainers or [started[0]]
         for p in targets:
             with contextlib.suppress(Exception):  # psutil.NoSuchProcess, OSError: it has exited already
                 p.send_signal(signum)
@@ -219,7 +225,10 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        started.append(subprocess.Popen(cmd, env=env))
+        for signum in pending:
+            forward(signum, None)
+        return started[0].wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
 

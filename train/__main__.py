@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from cli import hydra_main, user_errors
+from train import preemption
 
 PROG = "finemoe-train"
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -63,6 +64,7 @@ def groups_help() -> str:
 
 
 def main() -> None:
+    preemption.listen()  # first: a SIGTERM while the run is built stops it cleanly, not at once
     from omegaconf import OmegaConf
 
     from train.config import TrainConfig, launcher_world_size

@@ -28,7 +28,7 @@ from moe.config import ModelConfig
 from moe.hf import from_pretrained
 from moe.model import Qwen2MoEForCausalLM
 from moe.router import TopKRouter
-from train import checkpoint, resume_check
+from train import checkpoint, preemption, resume_check
 from train import engine as ds
 from train.callbacks.base import Callback
 from train.callbacks.heatmap import write_heatmap
@@ -41,6 +41,8 @@ from train.schedule import lr_lambda
 
 FAULT_KILL = "FINEMOE_FAULT_KILL"
 """`RANK:STEP`: that rank SIGKILLs itself as the step starts (tests of a rank lost mid-run)."""
+FAULT_TERM = "FINEMOE_FAULT_SIGTERM_AT_BUILD"
+"""`RANK`: that rank sends itself SIGTERM while the run is being built (tests of an early preemption)."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,6 +95,8 @@ class Trainer:
         if self.world != world:
             cfg.validate(self.world)
         torch.manual_seed(cfg.seed)
+        if os.environ.get(FAULT_TERM) == str(self.rank):
+            os.kill(os.getpid(), signal.SIGTERM)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer, cfg.data.cache_dir)
         self.model = build_model(cfg, self.device)
@@ -164,7 +168,6 @@ class Trainer:
         self.tokens_seen = 0
         self.checkpoint_parent: str | None = None
         """Id of the checkpoint this run continues (resumed or last saved): the next save's parent."""
-        self._stop_signal: int | None = None
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
 
@@ -226,22 +229,32 @@ class Trainer:
         self.checkpoint_parent = saved.id
         return saved.path
 
-    def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self._stop_signal = signum
-
-        for s in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(s, handler)
-
-    def _stop_requested(self) -> bool:
-        return self.comm.any(self._stop_signal is not None)
+    def _stop_signal(self) -> int | None:
+        """The stop signal some rank received (`train.preemption`), the same on every rank (one
+        all-reduce, every rank reaches it), or None."""
+        return int(self.comm.max(float(preemption.received() or 0)).item()) or None
 
     def fit(self) -> list[dict[str, float]]:
-        """Train to `max_steps` (or a stop signal). Returns the logged metrics of this process' steps."""
+        """Train to `max_steps` (or a stop signal). Returns the logged metrics of this process' steps.
+
+        A stop signal (SIGTERM, SIGINT) ends the run after the step in progress, which is saved; one
+        received while the run was built or restored ends it before its first step (nothing to save).
+        """
+        previous = preemption.listen(signal.SIGTERM, signal.SIGINT)
+        try:
+            return self._fit()
+        finally:
+            preemption.restore(previous)
+
+    def _fit(self) -> list[dict[str, float]]:
         cfg = self.cfg
         ds.finished_cleanly = False
         self.resume_if_requested()
-        self._install_signal_handlers()
+        signum = self._stop_signal()
+        if signum is not None:
+            if self.rank == 0:
+                print(f"stopped by signal {signum} before step {self.step + 1}; nothing new to save")
+            return self._finish([], None, started=False)
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         for cb in self.callbacks:
             cb.on_start(self.run_dir, resolved, self.step)  # type: ignore[arg-type]
@@ -273,18 +286,24 @@ class Trainer:
                 self.step % cfg.logging.heatmap_every == 0 or self.step == cfg.max_steps
             ):
                 self._heatmap(load_LE)
-            stop = self._stop_requested() or self.step == cfg.stop_at_step
+            signum = self._stop_signal()
+            stop = signum is not None or self.step == cfg.stop_at_step
             periodic = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if periodic or stop or (self.step == cfg.max_steps and cfg.checkpoint.save_at_end):
                 self.save()
             if stop:
                 if self.rank == 0:
-                    why = f"signal {self._stop_signal}" if self._stop_signal else "stop_at_step"
+                    why = f"signal {signum}" if signum is not None else "stop_at_step"
                     print(f"stopped by {why} at step {self.step}; checkpoint saved")
                 break
+        return self._finish(history, progress)
+
+    def _finish(
+        self, history: list[dict[str, float]], progress: Any, started: bool = True
+    ) -> list[dict[str, float]]:
         if progress is not None:
             progress.close()
-        for cb in self.callbacks:
+        for cb in self.callbacks if started else []:  # on_end pairs with on_start
             cb.on_end()
         self.loader.close()  # its prefetch thread would otherwise assemble batches nobody takes
         ds.finished_cleanly = True

@@ -167,3 +167,27 @@ def test_slurm_template_forwards_the_early_sigterm_to_the_job_steps(tmp_path):
     args = (fake / "srun.args").read_text()
     assert "exec python -m launch.run" in args and "--node-rank $SLURM_NODEID -- max_steps=7" in args
     assert "forwarding it to the trainers" in out
+
+
+SIGTERM_WHILE_STARTING = """
+import os, signal, subprocess
+from launch import run
+real = subprocess.Popen
+def preempted_while_starting(cmd, env):
+    proc = real(cmd, env=env)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives before run_forwarding_sigterm has the process
+    return proc
+subprocess.Popen = preempted_while_starting
+print("launcher exit status", run.run_forwarding_sigterm(["sleep", "60"], dict(os.environ)), flush=True)
+"""
+
+
+def test_a_sigterm_while_the_launcher_starts_is_forwarded_not_fatal():
+    """Before: the handler was installed after `Popen`; a SIGTERM in between killed `launch.run` with
+    the default action and left the launcher running, orphaned."""
+    res = subprocess.run(
+        [sys.executable, "-c", SIGTERM_WHILE_STARTING], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "launch.run: signal 15 forwarded to the launcher (no trainer has started)" in res.stderr
+    assert f"launcher exit status {-signal.SIGTERM}" in res.stdout

@@ -175,12 +175,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     with (
         bar,
         _encoded(
-            tokenizer.backend_tokenizer.to_str(),
-            datasets_,
-            fields,
-            eos,
-            dtype,
-            data.eval_fraction,
+            _Job(tokenizer.backend_tokenizer.to_str(), datasets_, fields, eos, dtype, data.eval_fraction),
             tasks[resumed_at:],
             workers,
         ) as results,
@@ -258,37 +253,37 @@ def _record(partial: Path, state: dict[str, Any], next_task: int, writers: dict[
 
 
 # ---- workers -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    """What every encoding worker needs (handed to each worker process once, at its start)."""
+
+    tokenizer_json: str
+    datasets: list[Any]
+    fields: list[str]
+    """Per source: the text field."""
+    eos: int
+    dtype: np.dtype
+    eval_fraction: float
+
+
 _worker: dict[str, Any] = {}  # per worker process, set by _init_worker (or in-process for 1 worker)
 
 
-def _init_worker(
-    tokenizer_json: str,
-    datasets_: list[Any],
-    fields: list[str],
-    eos: int,
-    dtype: np.dtype,
-    eval_fraction: float,
-) -> None:
+def _init_worker(job: _Job) -> None:
     from tokenizers import Tokenizer
 
-    _worker.update(
-        tokenizer=text_tokenizer(Tokenizer.from_str(tokenizer_json)),
-        datasets=datasets_,
-        fields=fields,
-        eos=eos,
-        dtype=dtype,
-        eval_fraction=eval_fraction,
-    )
+    _worker.update(job=job, tokenizer=text_tokenizer(Tokenizer.from_str(job.tokenizer_json)))
 
 
 def _encode_task(task: tuple[int, int, int]) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
     i, start, stop = task
-    w = _worker
-    texts = w["datasets"][i][start:stop][w["fields"][i]]
+    job: _Job = _worker["job"]
+    texts = job.datasets[i][start:stop][job.fields[i]]
     where = f"data.sources[{i}] rows {start}.."
-    parts = split_documents(texts, w["eval_fraction"])
+    parts = split_documents(texts, job.eval_fraction)
     return i, {
-        split: encode_documents(w["tokenizer"], parts[split], w["eos"], w["dtype"], where) for split in SPLITS
+        split: encode_documents(_worker["tokenizer"], parts[split], job.eos, job.dtype, where)
+        for split in SPLITS
     }
 
 
@@ -306,19 +301,11 @@ def bounded_imap(pool: Any, fn: Any, items: Iterable[Any], window: int) -> Itera
 
 @contextmanager
 def _encoded(
-    tokenizer_json: str,
-    datasets_: list[Any],
-    fields: list[str],
-    eos: int,
-    dtype: np.dtype,
-    eval_fraction: float,
-    tasks: list,
-    workers: int,
+    job: _Job, tasks: list, workers: int
 ) -> Iterator[Iterator[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]]:
     """Task results in task order, from a pool of `workers` processes (or this one)."""
-    args = (tokenizer_json, datasets_, fields, eos, dtype, eval_fraction)
     if workers <= 1:
-        _init_worker(*args)
+        _init_worker(job)
         try:
             yield map(_encode_task, tasks)
         finally:
@@ -326,7 +313,7 @@ def _encoded(
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with _tokenizers_parallelism_off(), ctx.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+    with _tokenizers_parallelism_off(), ctx.Pool(workers, initializer=_init_worker, initargs=(job,)) as pool:
         yield bounded_imap(pool, _encode_task, tasks, 2 * workers)
 
 

@@ -19,6 +19,13 @@ def _seeded():
 
 
 def pytest_configure(config):
+    # each xdist worker (and every process it starts) draws rendezvous ports from its own slice of
+    # 20000-32000: a port picked by one worker's launch is never picked by the other's meanwhile
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is not None:
+        index, count = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        span = 12000 // count
+        os.environ["FINEMOE_PORTS"] = f"{20000 + index * span}-{20000 + (index + 1) * span}"
     config.addinivalue_line(
         "markers",
         "megablocks: needs CUDA and the megablocks backend (megablocks' compiled ops, grouped_gemm)",

@@ -107,22 +107,28 @@ def _skip_shm_all_reduce_op() -> None:
         deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
+PORTS = "FINEMOE_PORTS"
+"""`LOW-HIGH`: the range `free_port` draws from (default 20000-32000); the test suite gives each of
+its parallel workers its own, so two of them never pick the same port for their rendezvous."""
+
+
 def free_port() -> int:
     """A free TCP port below Linux's ephemeral range (32768+), for a rendezvous (`--master_port`).
 
     A port the OS hands out for `bind(0)` is ephemeral: between our check and the rendezvous store
     binding it, any outgoing connection (gloo's own, a previous run's) may take it (EADDRINUSE).
     """
+    low, high = (int(x) for x in os.environ.get(PORTS, "20000-32000").split("-"))
     rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, 32000)
+        port = rng.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
             return port
-    raise RuntimeError("no free TCP port in 20000-32000")
+    raise RuntimeError(f"no free TCP port in {low}-{high}")
 
 
 class _MoEGroupsMarker(_DeepSpeedMoE):

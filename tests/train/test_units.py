@@ -106,3 +106,18 @@ def test_bf16_null_means_cuda_only():
     cfg = TrainConfig(device="cpu")
     assert cfg.deepspeed.bf16 is None and not cfg.uses_bf16()
     assert TrainConfig(device="cpu", deepspeed=DeepSpeedConfig(bf16=True)).uses_bf16()
+
+
+def test_free_port_draws_from_the_configured_range(monkeypatch):
+    """`FINEMOE_PORTS` bounds the rendezvous port (the suite gives each xdist worker its own slice)."""
+    import socket
+
+    from train import engine
+
+    monkeypatch.setenv(engine.PORTS, "41000-41004")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 41002))  # in use: never handed out
+        assert {engine.free_port() for _ in range(40)} <= {41000, 41001, 41003}
+        monkeypatch.setenv(engine.PORTS, "41002-41003")
+        with pytest.raises(RuntimeError, match="no free TCP port in 41002-41003"):
+            engine.free_port()

@@ -95,8 +95,25 @@ def _load(src: SourceConfig, where: str, cache_dir: str) -> tuple[datasets.Datas
     except Exception as e:
         if "corresponds to no data" in str(e):  # datasets' way of saying "0 rows"
             raise ValueError(f"{where}: {origin} is empty (0 rows)") from e
-        raise ValueError(f"{where}: could not read {origin} as {builder}: {type(e).__name__}: {e}") from e
+        root = _root_cause(e)
+        raise ValueError(
+            f"{where}: could not read {origin} as {builder}: {type(root).__name__}: {root}"
+        ) from e
     return _as_dataset(ds, where), origin
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception of `e`'s `raise ... from` chain: the one that says what is wrong.
+
+    `datasets` wraps every reader's error in `DatasetGenerationError("An error occurred while
+    generating the dataset")`, whose cause is the parser's (`ArrowInvalid: JSON parse error: ... in
+    row 50`, `UnicodeDecodeError: ... in position 604`). Only `__cause__` is followed: an implicit
+    `__context__` is an error that was being handled, e.g. the json builder re-raises pyarrow's error
+    from inside its pandas fallback, whose own failure ("Trailing data") says nothing about the file.
+    """
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 def _load_saved(path: str, src: SourceConfig, where: str) -> datasets.Dataset:

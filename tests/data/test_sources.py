@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -16,6 +20,7 @@ from data.sources import data_files, load_source
 from tests.data.helpers import data_config, make_docs, write_jsonl
 
 DOCS = make_docs(12)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def texts(ds: datasets.Dataset, field: str = "text") -> list[str]:
@@ -146,3 +151,50 @@ def test_unreadable_file_names_the_file(tmp_path, cache_dir) -> None:
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(ValueError, match=r"could not read .*bad\.parquet as parquet"):
         load_source(SourceConfig(path=str(tmp_path / "bad.parquet")), 0, cache_dir)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "cause"),
+    [
+        (
+            "surrogate.jsonl",
+            # row 50 holds a high surrogate followed by a plain character: not valid JSON text
+            "".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)).encode()
+            + b'{"text": "bad \\ud800\\u0041 pair"}\n',
+            r"ArrowInvalid: JSON parse error: The surrogate pair in string is invalid\. in row 50",
+        ),
+        (
+            "bytes.txt",
+            b"hello\n" * 100 + b"\xff\xfe not utf-8\n",
+            r"UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 600",
+        ),
+    ],
+)
+def test_unparsable_file_error_names_the_file_and_the_parser_error(
+    tmp_path, cache_dir, name: str, content: bytes, cause: str
+) -> None:
+    """`datasets` reports only "DatasetGenerationError: An error occurred while generating the dataset";
+    what is wrong is in its cause, and the one error line a user sees must carry it."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.prepare",
+            f"data.sources.0.path={path}",
+            f"data.prepared_dir={tmp_path / 'out'}",
+            f"data.cache_dir={cache_dir}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("finemoe-prepare: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert re.search(
+        rf"data\.sources\[0\] .*could not read {re.escape(str(path))} as \w+: {cause}", errors[0]
+    ), errors[0]
+    assert "DatasetGenerationError" not in errors[0]

@@ -191,3 +191,55 @@ def test_a_sigterm_while_the_launcher_starts_is_forwarded_not_fatal():
     assert res.returncode == 0, res.stderr[-2000:]
     assert "launch.run: signal 15 forwarded to the launcher (no trainer has started)" in res.stderr
     assert f"launcher exit status {-signal.SIGTERM}" in res.stdout
+
+
+RUNNING_SRUN = """#!/usr/bin/env bash
+shift  # --kill-on-bad-exit=1
+SLURM_NODEID=0 exec "$@"  # as srun starts the task on node 0
+"""
+ARGV_PYTHON = """#!/usr/bin/env bash
+exec "$REAL_PYTHON" -c 'import json, os, sys; print(json.dumps(sys.argv[1:]), file=open(os.environ["FAKE"] + "/argv", "a"))' "$@"
+"""
+
+
+def test_slurm_template_passes_each_override_to_launch_run_unchanged(tmp_path):
+    """`srun bash -c "... -- $*"` word-split the overrides and expanded `$`/globs again on the node:
+    a list of sources arrived in pieces and `${now:%Y}` as nothing. The fake srun runs the command as
+    srun would; `python` records its argv, for the dry run and for the launched step."""
+    fake, submit = tmp_path / "bin", tmp_path / "sub mit"  # the hostfile's path has a space too
+    fake.mkdir()
+    (submit / ".venv" / "bin").mkdir(parents=True)
+    (submit / ".venv" / "bin" / "activate").write_text("")
+    for name, text in (("srun", RUNNING_SRUN), ("python", ARGV_PYTHON), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    overrides = [
+        "data.sources=[{path: /a.jsonl}, {path: /b.jsonl}]",
+        "hydra.sweep.dir=runs/${now:%Y}",
+        """+note=it's "quoted" * $HOME `x`""",
+    ]
+    env = dict(
+        os.environ,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        REAL_PYTHON=sys.executable,
+        MASTER_PORT="29500",
+        FAKE=str(fake),
+        SLURM_SUBMIT_DIR=str(submit),
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_ID="4242",
+        SLURM_GPUS_ON_NODE="8",
+    )
+    res = subprocess.run(
+        ["bash", str(ROOT / "launch" / "slurm.sbatch"), *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    dry_run, step = [json.loads(line) for line in (fake / "argv").read_text().splitlines()]
+    hostfile = dry_run[3]
+    assert Path(hostfile).parent == submit
+    node = ["--hostfile", hostfile, "--master-addr", "node-a", "--master-port", "29500"]
+    assert dry_run == ["-m", "launch.run", *node, "--dry-run", "--", *overrides]
+    assert step == ["-m", "launch.run", *node, "--node-rank", "0", "--", *overrides]

@@ -71,8 +71,9 @@ def candidates(resume: str, run_dir: str | Path, log: Any = None) -> list[Path]:
     files are missing or of the wrong size; `none` gives none; a checkpoint directory gives itself.
 
     Raises:
-        ValueError: an unknown path, an incomplete or damaged checkpoint directory, or a run whose
-            every checkpoint is damaged.
+        ValueError: an unknown path, an incomplete or damaged checkpoint directory, a directory that
+            is no checkpoint (a run's `checkpoints/` folder, say), or a run whose every checkpoint is
+            damaged.
     """
     if resume == "none":
         return []
@@ -89,7 +90,7 @@ def candidates(resume: str, run_dir: str | Path, log: Any = None) -> list[Path]:
         if (path / "checkpoints").is_dir():
             raise ValueError(f"run directory {path} holds no complete checkpoint")
         if path.is_dir():
-            raise ValueError(f"checkpoint {path} is incomplete: {META} is missing (the save did not finish)")
+            raise ValueError(_not_resumable(path))
         raise ValueError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
     good, problems = [], []
     for ckpt in done:
@@ -103,6 +104,23 @@ def candidates(resume: str, run_dir: str | Path, log: Any = None) -> list[Path]:
     if not good:
         raise ValueError(f"every checkpoint of {path} is damaged: " + "; ".join(problems))
     return good
+
+
+def _not_resumable(path: Path) -> str:
+    """Why the directory `path`, which has neither meta.json nor checkpoints/, is not a checkpoint."""
+    name = path.name
+    if is_step_dir(path) or (name.startswith(f".{STEP_PREFIX}") and name.endswith(".tmp")):
+        return f"checkpoint {path} is incomplete: {META} is missing (the save did not finish)"
+    steps = sorted((p for p in path.iterdir() if is_step_dir(p)), key=step_of)
+    if not steps and name != "checkpoints":
+        return f"{path} is not a checkpoint (it has no {META}) nor a run directory (it has no checkpoints/)"
+    # a run's checkpoints/ (or a branch under abandoned/): the run directory or one step_* is meant
+    run = f"its run directory {path.parent} or " if name == "checkpoints" else ""
+    complete = [p for p in steps if (p / META).is_file()]
+    newest = f"the newest complete one is {complete[-1].name}" if complete else "none is complete"
+    return (
+        f"{path} is a folder of checkpoints, not a checkpoint: pass {run}one of its step_* folders ({newest})"
+    )
 
 
 def resolve_resume(resume: str, run_dir: str | Path) -> Path | None:

@@ -161,3 +161,35 @@ def test_two_rollbacks_that_save_the_same_step_within_a_second_keep_both_branche
         "20261130T120000_step_00000200_from_step_00000100_2",
     ]
     assert [meta(p / "step_00000200")["id"] for p in abandoned] == ["b", "b2"]
+
+
+def test_a_directory_without_meta_json_is_named_for_what_it_is(tmp_path):
+    """Only a step_* (or a torn .step_*.tmp) is an incomplete save; a run's checkpoints/ folder and a
+    directory that is no checkpoint at all got that message too, which sent users looking for a crash."""
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    for name in ("step_00000002", "step_00000004"):
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "meta.json").write_text("{}")
+    (ckpts / "step_00000006").mkdir()  # no meta.json: the save did not finish
+    (ckpts / ".step_00000008.tmp").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+
+    def refusal(path) -> str:
+        with pytest.raises(ValueError) as e:
+            checkpoint.resolve_resume(str(path), run)
+        return str(e.value)
+
+    assert refusal(ckpts) == (
+        f"{ckpts} is a folder of checkpoints, not a checkpoint: pass its run directory {run} or one of "
+        "its step_* folders (the newest complete one is step_00000004)"
+    )
+    for torn in ("step_00000006", ".step_00000008.tmp"):
+        assert refusal(ckpts / torn) == (
+            f"checkpoint {ckpts / torn} is incomplete: meta.json is missing (the save did not finish)"
+        )
+    assert refusal(tmp_path / "elsewhere") == (
+        f"{tmp_path / 'elsewhere'} is not a checkpoint (it has no meta.json) nor a run directory "
+        "(it has no checkpoints/)"
+    )
+    assert checkpoint.resolve_resume(str(run), run) == ckpts / "step_00000004"  # what it suggests works

@@ -246,8 +246,14 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json", **overrides: Any) -> ModelConfig:
         """Build from a transformers Qwen2 / Qwen2-MoE config.json dict.
 
+        A missing (or null) key takes transformers' default for the model type (`HF_DEFAULTS`), so
+        that a file builds the model transformers builds from it; the keys that size the model
+        (`_HF_REQUIRED`) must be present. RoPE scaling (YaRN, linear, ...) and activations other than
+        SiLU are refused rather than silently replaced by plain RoPE / SiLU.
+
         Raises:
-            ValueError: for another architecture, a missing required key, or invalid values.
+            ValueError: naming `source` and the key, for another architecture, a missing required key,
+                an unsupported feature or an invalid value.
         """
         model_type = d.get("model_type")
         if model_type not in ("qwen2", "qwen2_moe"):
@@ -257,41 +263,39 @@ class ModelConfig:
             )
         if d.get("use_sliding_window"):
             raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        act = d.get("hidden_act") or "silu"
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported (only silu)")
+        defaults = HF_DEFAULTS[model_type]
+        fields = ARCH_FIELDS + MOE_FIELDS if model_type == "qwen2_moe" else ARCH_FIELDS
         kwargs: dict[str, Any] = {}
-        for f in ARCH_FIELDS:
-            if f in d and d[f] is not None:
-                kwargs[f] = d[f]
-            elif f in _HF_REQUIRED:
+        for f in fields:
+            if d.get(f) is not None:
+                kwargs[f] = _checked_type(f, d[f], source)
+            elif f in _HF_REQUIRED or (model_type == "qwen2_moe" and f in _HF_REQUIRED_MOE):
                 raise ValueError(f"{source}: required key {f!r} is missing")
-        if "num_key_value_heads" not in kwargs:
+            elif f != "rope_theta":
+                kwargs[f] = defaults[f]
+        if d.get("num_key_value_heads", 0) is None:  # explicit null: transformers uses the query heads
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise ValueError(f"{source}: rope_type={rope.get('rope_type')!r} is not supported (only default)")
-        if "rope_theta" not in d and "rope_theta" in rope:
-            kwargs["rope_theta"] = rope["rope_theta"]
-        if model_type == "qwen2_moe":
-            for f in MOE_FIELDS:
-                if f in d and d[f] is not None:
-                    kwargs[f] = d[f]
-            kwargs["mlp_only_layers"] = list(d.get("mlp_only_layers") or [])
-            missing = [f for f in ("num_experts", "moe_intermediate_size") if f not in d]
-            if missing:
-                raise ValueError(f"{source}: qwen2_moe config lacks {missing}")
-        else:
+        kwargs["rope_theta"] = _rope_theta(d, source)
+        kwargs["mlp_only_layers"] = list(kwargs.get("mlp_only_layers") or [])
+        if model_type == "qwen2":
             kwargs["num_experts"] = 0
         for f in ("bos_token_id", "eos_token_id", "sliding_window", "max_window_layers"):
             v = d.get(f)
-            if isinstance(v, int):
+            if isinstance(v, int) and not isinstance(v, bool):
                 kwargs[f] = v
         kwargs.update(overrides)
-        return cls(**kwargs).validate()
+        try:
+            return cls(**kwargs).validate()
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 ARCH_FIELDS = (  # the dense architecture, shared by Qwen2 and Qwen2-MoE
     "vocab_size",
     "hidden_size",
@@ -315,3 +319,86 @@ MOE_FIELDS = (  # the MoE shape on top of it (Qwen2-MoE config.json keys)
     "mlp_only_layers",
     "router_aux_loss_coef",
 )
+
+_HF_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+"""Keys that size the model: a config.json without one is refused rather than given a default."""
+_HF_REQUIRED_MOE = ("num_experts", "moe_intermediate_size")
+_DEFAULT_ROPE_THETA = 10000.0
+_QWEN2_DEFAULTS: dict[str, Any] = {
+    "intermediate_size": 22016,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 32768,
+    "rope_theta": _DEFAULT_ROPE_THETA,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen2": _QWEN2_DEFAULTS,
+    "qwen2_moe": _QWEN2_DEFAULTS
+    | {
+        "intermediate_size": 5632,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.001,
+    },
+}
+"""What transformers (4.x and 5.x) uses for a key missing from config.json, per model_type: the
+defaults of `Qwen2Config()` / `Qwen2MoeConfig()` (checked against them in tests/moe/test_config.py)."""
+_BOOL_FIELDS = ("tie_word_embeddings", "norm_topk_prob")
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps", "initializer_range", "router_aux_loss_coef")
+
+
+def _checked_type(name: str, value: Any, source: str) -> Any:
+    """`value` of config.json key `name`, or a ValueError naming both when its JSON type is wrong."""
+    if name in _BOOL_FIELDS:
+        ok = isinstance(value, bool)
+    elif name in _FLOAT_FIELDS:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif name == "mlp_only_layers":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    else:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"{source}: {name}={value!r} has the wrong type")
+    return float(value) if name in _FLOAT_FIELDS else value
+
+
+def _rope_theta(d: dict[str, Any], source: str) -> float:
+    """The RoPE base of a config.json; refuses any RoPE type but default (YaRN, linear, dynamic, ...).
+
+    transformers 5.x reads `rope_parameters` (and converts a legacy `rope_scaling`, whose older files
+    name the type `type` rather than `rope_type`); 4.x reads top-level `rope_theta`. When both carry a
+    theta they must agree, or the two versions would build different models.
+    """
+    thetas: dict[str, Any] = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = d.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ValueError(f"{source}: {key}={rope!r} is not an object")
+        kind_key = "rope_type" if rope.get("rope_type") is not None else "type"
+        kind = rope.get(kind_key) or "default"
+        if kind != "default":
+            raise ValueError(
+                f"{source}: {key}.{kind_key}={kind!r} is not supported (only default RoPE; transformers "
+                f"would apply {kind} scaling)"
+            )
+        if rope.get("rope_theta") is not None:
+            thetas[f"{key}.rope_theta"] = rope["rope_theta"]
+    if d.get("rope_theta") is not None:
+        thetas["rope_theta"] = d["rope_theta"]
+    for key, value in thetas.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: {key}={value!r} has the wrong type")
+    if len({float(v) for v in thetas.values()}) > 1:
+        found = ", ".join(f"{k}={v}" for k, v in thetas.items())
+        raise ValueError(f"{source}: {found} disagree (transformers 4.x and 5.x would use different ones)")
+    return float(next(iter(thetas.values()), _DEFAULT_ROPE_THETA))

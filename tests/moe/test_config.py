@@ -113,3 +113,94 @@ def test_inert_sliding_window_fields_round_trip_through_training_meta():
     assert (exported["sliding_window"], exported["max_window_layers"]) == (32768, 3)
     plain = ModelConfig(num_hidden_layers=4, max_position_embeddings=8192).to_hf_dict()
     assert (plain["sliding_window"], plain["max_window_layers"]) == (8192, 4)
+
+
+# ---- config.json semantics: what transformers builds from the same file ---------------------------
+
+_SIZES = {  # the keys that size a model (required): transformers' own defaults, so nothing else differs
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32),
+    "qwen2_moe": dict(
+        vocab_size=151936,
+        hidden_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_experts=60,
+        moe_intermediate_size=1408,
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen2_moe"])
+def test_missing_keys_take_transformers_defaults(model_type):
+    """Every key that config.json leaves out gets the value transformers gives it for the same file
+    (before: our tiny test defaults, e.g. rope_theta 1e6 and top-2 of 8 experts)."""
+    from transformers import Qwen2Config, Qwen2MoeConfig
+
+    from moe.config import ARCH_FIELDS, MOE_FIELDS
+
+    d = {"model_type": model_type, **_SIZES[model_type]}
+    ours = ModelConfig.from_hf_dict(dict(d))
+    hf = (Qwen2MoeConfig if model_type == "qwen2_moe" else Qwen2Config).from_dict(dict(d))
+    fields = ARCH_FIELDS + (MOE_FIELDS if model_type == "qwen2_moe" else ())
+    want = {f: getattr(hf, f) for f in fields if f != "rope_theta"}
+    want["rope_theta"] = hf.rope_parameters["rope_theta"]
+    assert {f: getattr(ours, f) for f in fields} == want
+    assert ours.is_moe == (model_type == "qwen2_moe")
+
+
+def test_null_rope_theta_reads_rope_parameters():
+    """transformers 5.x writes `"rope_theta": null` beside `rope_parameters` in some files."""
+    d = ModelConfig().to_hf_dict() | {"rope_theta": None, "rope_parameters": {"rope_theta": 5e5}}
+    assert ModelConfig.from_hf_dict(d).rope_theta == 5e5
+    del d["rope_parameters"]
+    assert ModelConfig.from_hf_dict(d).rope_theta == 10000.0  # transformers' default
+    d = ModelConfig().to_hf_dict() | {"rope_theta": 1e6, "rope_parameters": {"rope_theta": 5e5}}
+    with pytest.raises(ValueError, match=r"config.json: rope_parameters.rope_theta=500000.0, rope_theta="):
+        ModelConfig.from_hf_dict(d)
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        (  # legacy spelling of older configs: `type`, not `rope_type` (before: silently plain RoPE)
+            {"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+            "rope_scaling.type='yarn' is not supported",
+        ),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling.rope_type='linear'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}}, "rope_parameters.rope_type='yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "dynamic"}},
+            "rope_scaling.type='dynamic'",
+        ),
+    ],
+)
+def test_rope_scaling_is_refused_naming_file_and_key(rope, message):
+    d = {k: v for k, v in ModelConfig().to_hf_dict().items() if k != "rope_parameters"} | rope
+    with pytest.raises(ValueError, match=f"^/ckpt/config.json: {message}"):
+        ModelConfig.from_hf_dict(d, source="/ckpt/config.json")
+    plain = d | {"rope_scaling": {"type": "default"}, "rope_parameters": {"rope_type": "default"}}
+    assert ModelConfig.from_hf_dict(plain).rope_theta == 1e6
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+        ({"num_attention_heads": 0}, "model.num_attention_heads must be positive"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3 must divide"),
+        ({"hidden_size": "64"}, "hidden_size='64' has the wrong type"),
+        ({"norm_topk_prob": 1}, "norm_topk_prob=1 has the wrong type"),
+        ({"mlp_only_layers": [0.5]}, r"mlp_only_layers=\[0.5\] has the wrong type"),
+    ],
+)
+def test_bad_config_json_values_name_the_file(changes, message):
+    d = ModelConfig().to_hf_dict() | changes
+    with pytest.raises(ValueError, match=f"^/ckpt/config.json: .*{message}"):
+        ModelConfig.from_hf_dict(d, source="/ckpt/config.json")
+
+
+def test_missing_num_key_value_heads_is_transformers_default():
+    """Absent: 32 (qwen2) / 16 (qwen2_moe) as in transformers, not the query heads; null: the query heads."""
+    d = {"model_type": "qwen2", **_SIZES["qwen2"], "num_attention_heads": 64}
+    assert ModelConfig.from_hf_dict(d).num_key_value_heads == 32
+    assert ModelConfig.from_hf_dict(d | {"num_key_value_heads": None}).num_key_value_heads == 64

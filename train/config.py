@@ -82,6 +82,23 @@ class ScheduleConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
+    def warnings(self, max_steps: int) -> list[str]:
+        """A warmup that the run's length leaves no room for (allowed: short smoke runs do this)."""
+        warmup = self.warmup_steps
+        if warmup >= max_steps:
+            peak = max_steps / (warmup + 1)
+            return [
+                f"schedule.warmup_steps={warmup} >= max_steps={max_steps}: the LR reaches only {peak:.0%} "
+                "of optim.lr and never decays"
+            ]
+        if self.kind is ScheduleKind.step and warmup > 0.8 * max_steps:
+            return [
+                f"schedule.warmup_steps={warmup} > 80% of max_steps={max_steps}: the step schedule's "
+                "first decay falls inside the warmup, so the LR never holds its peak and drops from the "
+                "end of the warmup straight to a decayed value"
+            ]
+        return []
+
 
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
@@ -337,6 +354,7 @@ class TrainConfig:
         out = []
         if gpu_memory_bytes is not None:
             out += self._memory_warning(model, world_size, gpu_memory_bytes)
+        out += self.schedule.warnings(self.max_steps)
         if self.data.seq_len > model.max_position_embeddings:
             origin = f"init_from {self.init_from}'s config.json" if self.init_from else "model"
             out.append(

@@ -210,6 +210,24 @@ def test_sequences_longer_than_the_model_claims_are_warned_about():
     assert cfg.warnings(cfg.model_config()) == []
 
 
+def test_a_warmup_the_run_has_no_room_for_is_warned_about():
+    from train.config import ScheduleKind, TrainConfig
+
+    cfg = TrainConfig(max_steps=3)
+    cfg.schedule.warmup_steps = 10
+    (warning,) = cfg.validate().warnings(cfg.model_config())
+    assert warning == (
+        "schedule.warmup_steps=10 >= max_steps=3: the LR reaches only 27% of optim.lr and never decays"
+    )
+    cfg.max_steps, cfg.schedule.kind = 12, ScheduleKind.step
+    (warning,) = cfg.warnings(cfg.model_config())
+    assert warning.startswith(
+        "schedule.warmup_steps=10 > 80% of max_steps=12: the step schedule's first decay"
+    )
+    cfg.schedule.kind = ScheduleKind.cosine  # cosine decays after any warmup shorter than the run
+    assert cfg.warnings(cfg.model_config()) == []
+
+
 def test_a_run_planned_beyond_the_gpu_memory_is_warned_about():
     """On a GPU, the trainer warns (rank 0, before building anything) when `train.memory`'s plan of
     this very run exceeds the device, naming what would fit."""

@@ -41,6 +41,8 @@ from train.schedule import lr_lambda
 
 FAULT_KILL = "FINEMOE_FAULT_KILL"
 """`RANK:STEP`: that rank SIGKILLs itself as the step starts (tests of a rank lost mid-run)."""
+FAULT_NONFINITE = "FINEMOE_FAULT_NONFINITE"
+"""`STEP`: that step's loss is NaN on every rank (tests of skipped updates)."""
 FAULT_TERM = "FINEMOE_FAULT_SIGTERM_AT_BUILD"
 """`RANK`: that rank sends itself SIGTERM while the run is being built (tests of an early preemption)."""
 
@@ -184,10 +186,11 @@ class Trainer:
         changed = self._resume_changes(ckpt, asdict(self.mcfg), self.world)
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.loader.load_state_dict(meta["loader"])
-        self.engine.lr_scheduler.last_epoch = self.step
+        self.skipped_steps = int(meta.get("skipped_steps", 0))
+        # a skipped update does not advance the schedule (`ds.skip_optimizer_step`, DeepSpeed's own skips)
+        self.engine.lr_scheduler.last_epoch = int(meta.get("lr_steps", self.step - self.skipped_steps))
         for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_lr()):
             group["lr"] = lr
-        self.skipped_steps = int(meta.get("skipped_steps", 0))
         if self.rank == 0:
             print(f"resumed from {ckpt} at step {self.step}")
             if changed:
@@ -210,6 +213,7 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "loader": self.loader.state_dict(),
             "skipped_steps": self.skipped_steps,
+            "lr_steps": self.engine.lr_scheduler.last_epoch,
             "model_config": asdict(self.mcfg),
             "ep_size": self.cfg.parallel.ep_size,
             "zero_stage": self.cfg.deepspeed.zero_stage,
@@ -276,9 +280,10 @@ class Trainer:
                 progress.set_postfix(
                     loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['perf/tokens_per_s']:.0f}"
                 )
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            evaluated = bool(cfg.eval_every) and self.step % cfg.eval_every == 0
+            if evaluated:
                 metrics |= self.evaluate()
-            if self.step % cfg.logging.log_every == 0 or self.step == cfg.max_steps:
+            if evaluated or self.step % cfg.logging.log_every == 0 or self.step == cfg.max_steps:
                 history.append(metrics)
                 for cb in self.callbacks:
                     cb.on_metrics(self.step, metrics)
@@ -325,7 +330,16 @@ class Trainer:
         t0 = time.perf_counter()
         self.engine.train()
         batches = (self._batch(data_iter) for _ in range(cfg.deepspeed.grad_accum))
-        result = optimizer_step(engine, self.objective, self.comm, batches, cfg.deepspeed.grad_accum)
+        lr = float(engine.get_lr()[0])  # this step's (the update advances the schedule)
+        poison = os.environ.get(FAULT_NONFINITE) == str(self.step + 1)
+        result = optimizer_step(
+            engine,
+            self.objective,
+            self.comm,
+            batches,
+            cfg.deepspeed.grad_accum,
+            on_forward=_nan_loss if poison else None,
+        )
         load_LE = result.load_LE
         if load_LE is not None:
             load_LE = self.comm.sum(load_LE)  # each rank counted its own tokens (by global expert id)
@@ -341,7 +355,7 @@ class Trainer:
         metrics: dict[str, float] = {
             "train/loss": loss,
             "train/ce_loss": ce,
-            "train/lr": float(engine.get_lr()[0]),
+            "train/lr": lr,
             "train/grad_norm": ds.grad_norm(engine),
             "train/tokens_seen": float(self.tokens_seen),
             "train/skipped_steps": float(self.skipped_steps),
@@ -474,6 +488,10 @@ def optimizer_step(
             counts = torch.stack([b.counts_E for b in out.balance]).detach()
             load_LE = counts if load_LE is None else load_LE + counts
     return StepResult(sums, sums.new_tensor(float(tokens)), load_LE, nonfinite)
+
+
+def _nan_loss(out: Any) -> None:
+    out.ce_loss = out.ce_loss * float("nan")
 
 
 def run(cfg: TrainConfig, callbacks: list[Callback] | None = None) -> list[dict[str, Any]]:

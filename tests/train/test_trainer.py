@@ -146,6 +146,35 @@ def test_eval_at_start_scores_the_initial_model_on_the_same_batches(tmp_path):
     assert abs(evals[0] - rows[1]["train/ce_loss"]) > 1e-4  # held-out batches, not the training batch
 
 
+def test_an_evaluation_off_the_logging_grid_is_logged(tmp_path):
+    """eval_every=3 with log_every=2: steps 2, 3 (the evaluation), 4, 6 (evaluation and log) and 7
+    (the last). Before, step 3's evaluation ran and was dropped."""
+    run = tmp_path / "run"
+    train(run, "max_steps=7", "eval_every=3", "eval_batches=1", "logging.log_every=2")
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 7]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [3, 6]
+
+
+def test_a_resume_after_a_skipped_update_continues_the_lr_schedule(tmp_path):
+    """Step 2's loss is NaN (`FINEMOE_FAULT_NONFINITE`): its update is skipped and the schedule does
+    not advance. A run stopped at step 3 and resumed logs the LR of the uninterrupted run (before, the
+    resumed schedule was ahead by the skipped step) and the same losses."""
+    straight, paused = tmp_path / "straight", tmp_path / "paused"
+    common = ("max_steps=5", "schedule.warmup_steps=10")
+    fault = {"FINEMOE_FAULT_NONFINITE": "2"}
+    train(straight, *common, env=fault)
+    train(paused, *common, "stop_at_step=3", env=fault)
+    train(paused, *common)
+    a, b = metrics(straight), metrics(paused)
+    # the LR each step trained with (before, the next step's was logged): 1/11, 2/11, then 2/11 again
+    # (step 2's update was skipped and the schedule held), 3/11, 4/11 of optim.lr=3e-3
+    lr = [r["train/lr"] / 3e-3 * 11 for r in a]
+    assert lr == pytest.approx([1, 2, 2, 3, 4], rel=1e-9) and a[1]["train/skipped_steps"] == 1
+    assert [r["train/lr"] for r in b] == [r["train/lr"] for r in a]
+    assert [r["train/loss"] for r in b[3:]] == [r["train/loss"] for r in a[3:]]
+
+
 def test_loss_in_chunks_trains_and_evaluates_like_the_whole_loss(tmp_path):
     """`loss_chunk_tokens=5` (chunks straddling sequences) with activation checkpointing: the same
     losses, gradient norms and evaluation losses as the plain run, step for step (fp32 order)."""

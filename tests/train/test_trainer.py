@@ -146,6 +146,24 @@ def test_eval_at_start_scores_the_initial_model_on_the_same_batches(tmp_path):
     assert abs(evals[0] - rows[1]["train/ce_loss"]) > 1e-4  # held-out batches, not the training batch
 
 
+def test_a_fresh_start_in_a_used_run_dir_starts_fresh_logs(tmp_path):
+    """`checkpoint.resume=none` in a directory that holds a run: metrics.jsonl holds the new run only
+    (before: appended to the old one's, steps 1 2 3 1 2), the old records are kept aside, and wandb
+    gets a new run id instead of merging the two."""
+    run = tmp_path / "run"
+    train(run, "max_steps=3", "logging=offline", "logging.log_every=1")
+    first_id = (run / "wandb_id.txt").read_text()
+    res = train(run, "max_steps=2", "logging=offline", "logging.log_every=1", "checkpoint.resume=none")
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+    dropped = [json.loads(ln)["step"] for ln in (run / "metrics_dropped.jsonl").read_text().splitlines()]
+    assert dropped == [1, 2, 3] and "3 records after step 0 moved to metrics_dropped.jsonl" in res.stdout
+    second_id = (run / "wandb_id.txt").read_text()
+    assert second_id != first_id
+    train(run, "max_steps=3", "logging=offline", "logging.log_every=1")  # resume=auto: the same wandb run
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    assert (run / "wandb_id.txt").read_text() == second_id
+
+
 def test_an_evaluation_off_the_logging_grid_is_logged(tmp_path):
     """eval_every=3 with log_every=2: steps 2, 3 (the evaluation), 4, 6 (evaluation and log) and 7
     (the last). Before, step 3's evaluation ran and was dropped."""

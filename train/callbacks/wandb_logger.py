@@ -25,7 +25,7 @@ class WandbLogger(Callback):
             dir=str(run_dir),
             mode=self.mode,  # type: ignore[arg-type]
             config=config,
-            id=_run_id(run_dir),
+            id=_run_id(run_dir, fresh=start_step == 0),
             resume="allow",
         )
 
@@ -42,9 +42,11 @@ class WandbLogger(Callback):
             self.run.finish()
 
 
-def _run_id(run_dir: Path) -> str:
-    """A stable id per run directory, so a resumed run continues the same wandb run."""
+def _run_id(run_dir: Path, fresh: bool) -> str:
+    """The wandb run id of `run_dir`: kept by a resume, so it continues the same wandb run; new for a
+    fresh start, so a second run in a used directory is not merged into the first. (A resume from an
+    older checkpoint re-logs steps wandb already has, which wandb ignores: metrics.jsonl holds them.)"""
     path = run_dir / "wandb_id.txt"
-    if not path.exists():
+    if fresh or not path.exists():
         path.write_text(secrets.token_hex(6))
     return path.read_text().strip()

@@ -18,7 +18,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,21 @@ class CheckpointReader:
         single = self.dir / SAFE_WEIGHTS_NAME
         self.key_to_file: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
+        self._shard_keys: dict[Path, set[str]] = {}
+        self._index: Path | None = None
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
+            self._index = index
+            try:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                raise ValueError(
+                    f"{index} is not a valid index (JSON object with a 'weight_map'): {e}"
+                ) from None
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index} has no 'weight_map'")
             for key, fname in weight_map.items():
+                if not isinstance(fname, str):
+                    raise ValueError(f"{index}: weight_map[{key!r}] = {fname!r} is not a file name")
                 self.key_to_file[key] = self.dir / fname
             for f in set(self.key_to_file.values()):
                 if not f.is_file():
@@ -119,14 +129,19 @@ class CheckpointReader:
     def _handle(self, key: str) -> Any:
         if key not in self.key_to_file:
             raise ValueError(f"{self.dir}: key {key!r} is missing from the checkpoint")
-        return self._open(self.key_to_file[key])
+        path = self.key_to_file[key]
+        handle = self._open(path)
+        if key not in self._shard_keys[path]:  # else safetensors' own error, which names neither
+            raise ValueError(f"{self._index} maps {key!r} to {path}, which does not hold it")
+        return handle
 
     def _open(self, path: Path) -> Any:
         if path not in self._handles:
             try:
-                self._handles[path] = safe_open(path, framework="pt")
+                handle = safe_open(path, framework="pt")
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise ValueError(f"{path}: cannot be read as safetensors ({e})") from None
+            self._handles[path], self._shard_keys[path] = handle, set(handle.keys())
         return self._handles[path]
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -339,11 +354,35 @@ def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
         os.replace(tmp_dir, out_dir)
 
 
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output that cannot become a checkpoint directory, before any work is done.
+
+    Raises:
+        ValueError: `out_dir` (or a parent) is not a directory, or is a non-empty one without `overwrite`.
+    """
+    out_dir = Path(out_dir)
+    for parent in out_dir.parents:  # the nearest existing parent must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"output {out_dir}: {parent} exists and is not a directory")
+            break
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"output {out_dir} exists and is not a directory")
+    if any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {out_dir} exists and is not empty (set overwrite=true)")
+
+
 class ShardedWriter:
     """Writes `model-0000i-of-0000n.safetensors` shards and the index into a temporary directory.
 
     Use as a context manager; `add()` tensors in order, they are written as soon as a shard is full.
     On success the temporary directory is renamed to `out_dir`; on an exception it is deleted.
+
+    Memory: the writer holds the tensors of the shard being filled, at most `max_shard_bytes` in the
+    output dtype (or one tensor, if a single tensor is larger), plus the tensor being added. Each is
+    converted (and a view copied) when added, so a view never keeps its whole base tensor alive.
     """
 
     def __init__(
@@ -354,8 +393,7 @@ class ShardedWriter:
         dtype: torch.dtype | None = None,
     ):
         self.out_dir = Path(out_dir)
-        if self.out_dir.exists() and any(self.out_dir.iterdir()) and not overwrite:
-            raise ValueError(f"output directory {self.out_dir} exists and is not empty (set overwrite=true)")
+        check_output_dir(self.out_dir, overwrite)
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
         self.tmp_dir = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
@@ -373,14 +411,22 @@ class ShardedWriter:
         self.tmp_dir.mkdir(parents=True)
         return self
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Queue `tensor` under `key`, a float tensor cast to `dtype` (default: the writer's dtype).
+
+        The tensor is referenced, not copied, when it already owns its storage in the output dtype:
+        do not modify it before the writer closes.
+        """
         if key in self._pending or any(key in s for s in self._shards):
             raise ValueError(f"tensor {key!r} written twice")
         t = tensor.detach()
-        if self.dtype is not None and t.is_floating_point():
-            t = t.to(self.dtype)
+        dtype = dtype or self.dtype
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         t = t.to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() != nbytes:  # a view: safetensors refuses shared storage
+            t = t.clone()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._pending[key] = t
@@ -391,15 +437,7 @@ class ShardedWriter:
         if not self._pending:
             return
         name = f"shard-{len(self._shards):05d}.safetensors"
-        # clone views so that each stored tensor owns exactly its bytes (safetensors refuses shared storage)
-        save_file(
-            {
-                k: v.clone() if v.untyped_storage().nbytes() != v.numel() * v.element_size() else v
-                for k, v in self._pending.items()
-            },
-            str(self.tmp_dir / name),
-            metadata={"format": "pt"},
-        )
+        save_file(self._pending, str(self.tmp_dir / name), metadata={"format": "pt"})
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -474,3 +512,29 @@ def save_pretrained(
             for layer in cfg.moe_layers:
                 for key, t in empty_shared_expert(cfg, layer):
                     w.add(key, t)
+        add_selection_biases(
+            w,
+            (
+                (f"{n}.selection_bias", m.selection_bias)
+                for n, m in model.named_modules()
+                if hasattr(m, "selection_bias")
+            ),
+        )
+
+
+def selection_bias_key(buffer_name: str) -> str:
+    """`model.layers.N.mlp.gate.selection_bias` (our buffer) -> its key in a Hugging Face checkpoint."""
+    return buffer_name.removesuffix("selection_bias") + SELECTION_BIAS_HF
+
+
+def add_selection_biases(writer: ShardedWriter, biases: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Write the routers' non-zero selection biases (buffer name, tensor) in fp32 whatever the writer's
+    dtype: bf16 would round the small steps they learn (1.0011 -> 1.0) and change the routing.
+    An all-zero bias is a no-op and is left out (transformers reports every extra key). Returns the
+    number written."""
+    written = 0
+    for name, bias in biases:
+        if bool(bias.any()):
+            writer.add(selection_bias_key(name), bias, dtype=torch.float32)
+            written += 1
+    return written

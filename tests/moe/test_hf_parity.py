@@ -123,3 +123,46 @@ def test_import_reads_the_routers_selection_bias(tmp_path):
     router = ours.model.layers[1].mlp.gate
     assert torch.equal(router.selection_bias, bias) and router.use_selection_bias
     assert not ours.model.layers[0].mlp.gate.use_selection_bias
+
+
+def test_save_pretrained_round_trips_the_selection_biases(tmp_path):
+    """save_pretrained writes the routers' selection biases, in fp32 whatever the dtype, and
+    from_pretrained routes exactly as the saved model did (before: not written, reloaded as zeros).
+    Layer 1's router weight is zero, so its biases alone choose the experts: steps of 1e-4 around
+    1.0, which bf16 would round to one value (a tie) and route differently."""
+    from safetensors import safe_open
+
+    ref = make_hf_model("moe_shared")
+    ref.save_pretrained(tmp_path / "src")
+    ours = from_pretrained(tmp_path / "src", expert_backend="torch").eval()
+    routers = [layer.mlp.gate for layer in ours.model.layers]
+    num_experts = routers[0].selection_bias.numel()
+    with torch.no_grad():
+        for p in ours.parameters():  # bf16-representable: the bf16 save loses nothing else
+            p.copy_(p.bfloat16().float())
+        routers[1].weight.zero_()
+        routers[1].selection_bias.copy_(
+            1.0 + 1e-4 * torch.randperm(num_experts, generator=torch.Generator().manual_seed(3))
+        )
+        routers[2].selection_bias.copy_(
+            0.3 * torch.randn(num_experts, generator=torch.Generator().manual_seed(4))
+        )
+    for r in routers[1:]:
+        r.use_selection_bias = True
+    assert routers[1].selection_bias.bfloat16().unique().numel() == 1  # bf16 would tie every expert
+    save_pretrained(ours, tmp_path / "out", dtype="bfloat16")
+    back = from_pretrained(tmp_path / "out", expert_backend="torch").eval()
+    (shard,) = (tmp_path / "out").glob("*.safetensors")
+    with safe_open(shard, framework="pt") as f:
+        assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+        stored = list(f.keys())
+        assert "model.layers.0.mlp.gate.e_score_correction_bias" not in stored  # zero: a no-op
+    x = torch.randn(37, 64, generator=torch.Generator().manual_seed(5))
+    for mine, theirs in zip(routers, (layer.mlp.gate for layer in back.model.layers)):
+        assert torch.equal(theirs.selection_bias, mine.selection_bias)
+        assert theirs.use_selection_bias == mine.use_selection_bias
+        want, got = mine(x), theirs(x)
+        assert torch.equal(got.experts_TK, want.experts_TK) and torch.equal(got.weights_TK, want.weights_TK)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits, rtol=0, atol=0)

@@ -2,13 +2,19 @@
 
 Reads our checkpoint format (`train/checkpoint.py`: fp32 master weights per parameter, routed experts
 one global expert at a time, any ZeRO stage and ep_size) and writes a Qwen2-MoE (MoE runs) or Qwen2
-(dense runs) checkpoint with transformers' per-expert keys. It streams: one parameter is in memory
-at a time, and the output appears under its final name only when complete.
+(dense runs) checkpoint with transformers' per-expert keys; the routers' selection biases are written
+in fp32 as `mlp.gate.e_score_correction_bias` (read back by `moe.hf.from_pretrained` and `init_from`).
+
+Memory: one parameter read in fp32 (for routed experts, all experts of one layer) plus the shard
+being filled, at most `max_shard_bytes` in the export dtype (`moe.hf.ShardedWriter`). The output
+appears under its final name only when complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +24,10 @@ import torch
 
 from moe.config import ModelConfig
 from moe.hf import (
+    TOKENIZER_FILES,
     ShardedWriter,
+    add_selection_biases,
+    check_output_dir,
     empty_shared_expert,
     parse_dtype,
     to_hf_tensors,
@@ -26,6 +35,7 @@ from moe.hf import (
 )
 from moe.model import Qwen2MoEForCausalLM
 from train import checkpoint as ckpt_lib
+from train.checkpoint_branches import checkpoint_root
 from train.checkpoint_store import hash_problem
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -60,9 +70,51 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _model_config(meta: dict[str, Any], where: Path) -> ModelConfig:
-    if "model_config" not in meta:
-        raise ValueError(f"{where}/meta.json has no model_config")
-    return ModelConfig(**meta["model_config"]).validate()
+    source = where / ckpt_lib.META
+    fields = meta.get("model_config")
+    if not isinstance(fields, dict):
+        raise ValueError(f"{source} has no model_config")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: model_config has keys that ModelConfig does not know: {unknown} (a checkpoint "
+            "written by another version of finemoe?)"
+        )
+    try:
+        return ModelConfig(**fields).validate()
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory a checkpoint belongs to: the nearest parent that holds it under `checkpoints/`
+    (`<run>/checkpoints/step_*` or `<run>/checkpoints/abandoned/<branch>/step_*`); None outside a run."""
+    ckpt = ckpt.resolve()
+    for parent in ckpt.parents:
+        if checkpoint_root(parent.parent) == parent:
+            return parent.parent
+    return None
+
+
+def _tokenizer_dir(ckpt: Path) -> Path | None:
+    """`<run_dir>/tokenizer`, saved by the trainer; a warning on stderr when it cannot be found."""
+    run_dir = run_dir_of(ckpt)
+    if run_dir is None:
+        print(
+            f"warning: {ckpt} is not inside a run's checkpoints/ directory: the export ships no tokenizer",
+            file=sys.stderr,
+        )
+        return None
+    tokenizer = run_dir / "tokenizer"
+    if not any((tokenizer / name).is_file() for name in TOKENIZER_FILES):
+        print(
+            f"warning: {tokenizer} holds no tokenizer files (the trainer saves them there): the export "
+            "ships no tokenizer",
+            file=sys.stderr,
+        )
+        return None
+    return tokenizer
 
 
 def export(
@@ -80,13 +132,14 @@ def export(
             before anything is written.
     """
     start = time.time()
+    check_output_dir(output, overwrite)  # before reading (and hashing) the whole checkpoint
     ckpt = find_checkpoint(checkpoint)
     meta = json.loads((ckpt / ckpt_lib.META).read_text())
+    cfg = _model_config(meta, ckpt)
     if verify and meta.get("files"):  # format 1 checkpoints recorded no hashes
         problem = hash_problem(ckpt, meta["files"])
         if problem is not None:
             raise ValueError(f"checkpoint {ckpt} is damaged: {problem}; export an older checkpoint")
-    cfg = _model_config(meta, ckpt)
     dt = parse_dtype(dtype)
     reader = ckpt_lib.StateReader(ckpt)
     with torch.device("meta"):
@@ -102,12 +155,13 @@ def export(
     bias = _selection_biases(ckpt)
     if any(b.abs().sum() > 0 for b in bias.values()):
         print(
-            "note: the routers' aux-loss-free selection biases are written as mlp.gate.e_score_correction_bias; "
-            "transformers' Qwen2-MoE ignores them (routing then differs from training)"
+            "note: the routers' aux-loss-free selection biases are written (fp32) as "
+            "mlp.gate.e_score_correction_bias; moe.hf.from_pretrained routes with them, but "
+            "transformers' Qwen2-MoE ignores them (its routing then differs from training)"
         )
-    tokenizer_dir = ckpt.parent.parent / "tokenizer"  # saved by the trainer in <run_dir>/tokenizer
+    tokenizer_dir = _tokenizer_dir(ckpt)
     with ShardedWriter(output, max_shard_bytes, overwrite=overwrite, dtype=dt) as w:
-        write_metadata(w, cfg, dt, tokenizer_dir if tokenizer_dir and tokenizer_dir.is_dir() else None)
+        write_metadata(w, cfg, dt, tokenizer_dir)
         for name, p in skeleton.named_parameters():
             value = reader.read(name, "fp32", _experts(name, p))
             if tuple(value.shape) != tuple(p.shape):
@@ -121,9 +175,7 @@ def export(
             for layer in cfg.moe_layers:
                 for key, t in empty_shared_expert(cfg, layer):
                     w.add(key, t)
-        for name, b in bias.items():
-            if b.abs().sum() > 0:
-                w.add(name.replace("selection_bias", "e_score_correction_bias"), b)
+        add_selection_biases(w, bias.items())  # fp32 whatever `dtype`
         counts = cfg.num_params()
         report = {
             "source_checkpoint": str(ckpt),
@@ -133,6 +185,7 @@ def export(
             "zero_stage": meta.get("zero_stage"),
             "architecture": "Qwen2MoeForCausalLM" if cfg.is_moe else "Qwen2ForCausalLM",
             "dtype": str(dt).removeprefix("torch."),
+            "tokenizer": str(tokenizer_dir) if tokenizer_dir is not None else None,
             "params_total": counts["total"],
             "params_activated": counts["activated"],
             "params_activated_non_embedding": counts["activated_non_embedding"],

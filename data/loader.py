@@ -291,3 +291,14 @@ def _produce(
         if isinstance(item, Exception):
             return
         round_start += step
+
+
+def config_sequence_changes(state: dict[str, Any], cfg: DataConfig) -> list[str]:
+    """What the data config alone says differs from a saved train-loader `state`: the keys of the
+    sample sequence that need no data read (`seq_len`, `seed`, `eval_fraction`), as `data.key: saved
+    x, now y`. A trainer checks them before it builds anything; `load_state_dict` checks everything."""
+    saved = state.get("identity", {})
+    current = {"seq_len": cfg.seq_len, "seed": cfg.seed, "eval_fraction": cfg.eval_fraction}
+    return [
+        f"data.{k}: saved {saved[k]!r}, now {v!r}" for k, v in current.items() if k in saved and saved[k] != v
+    ]

@@ -8,6 +8,8 @@ A checkpoint's `meta.json` holds the model it was trained with (`model_config`, 
 - everything else may change (learning rate, schedule, data, logging, ZeRO stage, ep_size, world
   size, loss coefficients, rope_theta for a longer context, ...): `changes` lists it, and the trainer
   prints it once as `changed on resume: optim.lr 3e-4 -> 1e-2, ...` and records it in metrics.jsonl.
+  Not the data sample sequence, though (`data.seq_len`, `data.seed`, `data.eval_fraction`, and the
+  mixture unless `data.new_mixture_on_resume`): a resumed run continues it (`data.loader`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.config import Split
-from data.loader import build_loader
+from data.loader import build_loader, config_sequence_changes
 from data.tokenizer import check_vocab, load_tokenizer
 from moe.config import ModelConfig
 from moe.hf import from_pretrained
@@ -203,6 +203,13 @@ class Trainer:
     ) -> dict[str, resume_check.Change]:
         """What this run changes against the checkpoint's recorded config; ValueError for another model."""
         meta = json.loads((ckpt / checkpoint.META).read_text())
+        sequence = config_sequence_changes(meta["loader"], self.cfg.data)
+        if sequence:
+            raise ValueError(
+                f"cannot resume from {ckpt}: the data sample sequence differs ({'; '.join(sequence)}). A "
+                "resumed run continues its sequence; for a phase with another seq_len, export the checkpoint "
+                "(python -m train.export) and train from it with init_from= in a new run_dir"
+            )
         try:
             return resume_check.changes(meta, self.resolved_config, model, world)  # type: ignore[arg-type]
         except ValueError as e:

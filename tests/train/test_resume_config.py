@@ -60,6 +60,25 @@ def test_another_model_is_refused_naming_the_fields(paused, monkeypatch, capsys)
     assert {p: p.stat().st_mtime_ns for p in paused.rglob("*")} == before
 
 
+@pytest.mark.slow
+def test_another_sample_sequence_is_refused_before_anything_is_built(paused, monkeypatch, capsys):
+    """Before: `data.seq_len` 32 -> 64 failed in the loader's restore, after the model, DeepSpeed and the
+    checkpoint were loaded (minutes at scale)."""
+    argv = [*TINY, *CONSTANT, f"run_dir={paused}", "data.seq_len=64"]
+    monkeypatch.setattr(sys, "argv", ["train", *argv])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    built = []
+    monkeypatch.setattr("train.trainer.build_model", lambda *a, **k: built.append(1))
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module("train.__main__").main()
+    assert exc.value.code == 2 and not built
+    ckpt = paused / "checkpoints" / "step_00000002"
+    assert capsys.readouterr().err.startswith(
+        f"finemoe-train: error: cannot resume from {ckpt}: the data sample sequence differs "
+        "(data.seq_len: saved 32, now 64). A resumed run continues its sequence"
+    )
+
+
 # ---- the comparison itself ------------------------------------------------------------------------
 MODEL = {"num_experts": 14, "rope_theta": 1e4, "max_position_embeddings": 2048, "router_aux_loss_coef": 0.01}
 

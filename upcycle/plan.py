@@ -7,6 +7,8 @@ Design choices:
 - `make_plan` reads config.json and safetensors headers only: the source's directory, config and
   weights, every tensor's shape against the config, the MoE shape against the strategy's rules and
   the output directory are all checked before the first byte is written.
+- What only training can refuse (expert widths grouped GEMMs cannot run in bf16) is a warning in the
+  plan, not an error: the checkpoint is still valid, and fp32 training or transformers can use it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from moe.config import MOE_FIELDS, ModelConfig
+from moe.experts import check_grouped_mm_alignment
 from moe.hf import (
     CheckpointReader,
     dtype_name,
@@ -99,6 +102,8 @@ class UpcyclePlan:
     """Written to config.json (not a ModelConfig field: unused without sliding windows)."""
     source_context: tuple[int, int]
     """The source's (max_position_embeddings, max_window_layers), for the printed plan."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """What the output cannot do (e.g. bf16 training with grouped GEMMs); printed, not refused."""
 
     def config_json(self) -> dict[str, Any]:
         return config_json(self.moe, self.dtype, self.max_window_layers)
@@ -131,6 +136,7 @@ class UpcyclePlan:
             "bytes_to_write": self.bytes_to_write,
             "dtype": dtype_name(self.dtype),
             "source_dtype": dtype_name(self.source_dtype),
+            "warnings": self.warnings,
         }
 
     def format(self) -> str:
@@ -186,8 +192,56 @@ class UpcyclePlan:
                 f"{nbytes / 1e9:.2f} GB ({nbytes:,} B), about {math.ceil(nbytes / c.max_shard_bytes)} shards",
             ),
         ]
+        rows += [("warning", w) for w in self.warnings]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def alignment_warnings(moe: ModelConfig, dense: ModelConfig, strategy: Strategy) -> list[str]:
+    """Expert widths that grouped GEMMs cannot run (`moe.experts.check_grouped_mm_alignment`): training
+    would refuse them only at start-up, after the whole checkpoint was written. Each warning names the
+    field, the dtypes affected and the nearest widths that work."""
+    out: list[str] = []
+    fields = (("moe.moe_intermediate_size", moe.moe_intermediate_size), ("hidden_size", moe.hidden_size))
+    for name, value in fields:
+        failing = [dt for dt in (torch.bfloat16, torch.float32) if _misaligned(name, value, dt)]
+        if not failing:
+            continue
+        multiple = 16 // torch.empty((), dtype=failing[0]).element_size()
+        lower, upper = value // multiple * multiple, (value // multiple + 1) * multiple
+        fix = f"nearest multiples of {multiple}: " + ", ".join(str(w) for w in (lower, upper) if w > 0)
+        if name == "hidden_size":
+            fix = f"it comes from the source ({dense.hidden_size}) and cannot be changed here"
+        elif strategy is Strategy.split:
+            fix += f"; widths that split the source's FFN {dense.intermediate_size} evenly: " + ", ".join(
+                f"{w} ({dense.intermediate_size // w} experts)"
+                for w in _nearest_divisors(dense.intermediate_size, value, multiple)
+            )
+        which = " and ".join(dtype_name(dt) for dt in failing)
+        works = "" if torch.float32 in failing else " (fp32 training works)"
+        out.append(
+            f"{name}={value} is not a multiple of {multiple}: grouped GEMMs cannot run the routed experts in "
+            f"{which}, so training in {which} will refuse this model{works}; {fix}"
+        )
+    return out
+
+
+def _misaligned(name: str, value: int, dtype: torch.dtype) -> bool:
+    try:  # the other width at a value aligned for every dtype, so that only `name` is checked
+        if name == "hidden_size":
+            check_grouped_mm_alignment(value, 16, dtype)
+        else:
+            check_grouped_mm_alignment(16, value, dtype)
+    except ValueError:
+        return True
+    return False
+
+
+def _nearest_divisors(total: int, near: int, multiple: int) -> list[int]:
+    """The divisors of `total` that are multiples of `multiple`, closest below and above `near`."""
+    ok = [w for w in range(multiple, total + 1, multiple) if total % w == 0]
+    below, above = [w for w in ok if w < near], [w for w in ok if w > near]
+    return ([below[-1]] if below else []) + ([above[0]] if above else [])
 
 
 def config_json(moe: ModelConfig, dtype: torch.dtype, max_window_layers: int) -> dict[str, Any]:
@@ -320,4 +374,5 @@ def make_plan(
         summary,
         window_layers(shape, dense, raw),
         source_context,
+        alignment_warnings(moe, dense, cfg.strategy),
     )

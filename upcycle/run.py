@@ -23,6 +23,7 @@ import enum
 import hashlib
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -257,6 +258,9 @@ def upcycle(
     }
     if verbose:
         print(plan.format(), flush=True)
+    else:  # the plan's warnings are in its printout; without one they still reach the user
+        for warning in plan.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     if plan.cfg.dry_run:
         report["init_distance"] = {"skipped": "dry run"}
         return report

@@ -253,3 +253,33 @@ def test_bad_recipes_name_the_field(recipe, message):
 def test_unknown_moe_field_is_refused():
     with pytest.raises(ValueError, match=r"moe: unknown field\(s\) \['hidden_size'\]"):
         MoEShape.from_mapping({"hidden_size": 4096})
+
+
+def test_expert_widths_grouped_gemms_cannot_run_are_a_warning_in_the_plan(tmp_path, capsys):
+    """split of Qwen1.5-1.8B's FFN (5504) into 32 experts gives 172-wide experts: a valid checkpoint
+    that bf16 training refuses at start-up (grouped GEMMs need multiples of 8). The plan says so, with
+    the widths that work, before anything is written (before: nothing until training started)."""
+    write_header_only(tmp_path / "src", qwen1_5_1_8b())
+    shape = MoEShape(num_experts=32, moe_intermediate_size=172, shared_expert_intermediate_size=0)
+    recipe = UpcycleConfig(strategy="split", dry_run=True)
+    report = upcycle(tmp_path / "src", tmp_path / "out", shape, recipe, verbose=True)
+    (warning,) = report["plan"]["warnings"]
+    assert warning == (
+        "moe.moe_intermediate_size=172 is not a multiple of 8: grouped GEMMs cannot run the routed experts "
+        "in bfloat16, so training in bfloat16 will refuse this model (fp32 training works); nearest "
+        "multiples of 8: 168, 176; widths that split the source's FFN 5504 evenly: 128 (43 experts), "
+        "344 (16 experts)"
+    )
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(maxsplit=1) for line in printed if line.startswith("warning")] == [
+        ["warning", warning]
+    ]
+    upcycle(tmp_path / "src", tmp_path / "out", shape, recipe, verbose=False)
+    assert capsys.readouterr().err == f"warning: {warning}\n"
+    assert not (tmp_path / "out").exists()
+    # 64 experts: 86 wide, not even a multiple of 4 (fp32); the default recipe's 1408: no warning
+    shape = MoEShape(num_experts=64, moe_intermediate_size=86, shared_expert_intermediate_size=0)
+    (warning,) = make_plan(tmp_path / "src", tmp_path / "out", shape, recipe).warnings
+    assert warning.startswith("moe.moe_intermediate_size=86 is not a multiple of 8: grouped GEMMs cannot ")
+    assert "in bfloat16 and float32, so training in bfloat16 and float32 will refuse this model; " in warning
+    assert make_plan(tmp_path / "src", tmp_path / "out", MoEShape(), UpcycleConfig()).warnings == []

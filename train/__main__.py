@@ -64,7 +64,14 @@ def groups_help() -> str:
 
 
 def main() -> None:
-    preemption.listen()  # first: a SIGTERM while the run is built stops it cleanly, not at once
+    previous = preemption.listen()  # first: a SIGTERM while the run is built stops it cleanly, not at once
+    try:
+        _main()
+    finally:  # an in-process caller (a test, a notebook) gets its own handler back
+        preemption.restore(previous)
+
+
+def _main() -> None:
     from omegaconf import OmegaConf
 
     from train.config import TrainConfig, launcher_world_size

@@ -10,21 +10,33 @@ until training starts, so Ctrl-C still interrupts a slow start.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 _received: int | None = None
+_listener_pid: int | None = None
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
     global _received
+    if os.getpid() != _listener_pid:
+        # a forked child (a multiprocessing pool of datasets or data.prepare) inherits this handler;
+        # its parent stops it with SIGTERM (`Pool.terminate`), so it must die as by default, or the
+        # parent waits for it forever
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     _received = signum
 
 
 def listen(*signums: signal.Signals) -> dict[signal.Signals, Callable[..., Any] | int | None]:
-    """Record `signums` (SIGTERM when none is given) from now on; returns the handlers they replace."""
+    """Record `signums` (SIGTERM when none is given) from now on, in this process only (forked
+    children keep the default action); returns the handlers they replace, for `restore`."""
+    global _listener_pid
+    _listener_pid = os.getpid()
     return {s: signal.signal(s, _record) for s in signums or (signal.SIGTERM,)}
 
 

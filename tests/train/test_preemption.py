@@ -1,0 +1,48 @@
+"""`train.preemption`: SIGTERM recorded from the start of `python -m train`, and only there.
+
+The signal paths through the trainer and the launcher are tested end to end in test_trainer.py
+(`test_sigterm_*`) and tests/launch/test_launch.py."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.train.runner import ROOT
+
+POOL_AFTER_LISTEN = """
+import multiprocessing, time
+from train import preemption
+preemption.listen()
+# a worker that never takes a task (stuck in its initializer: in CI, a forked worker stalled on a lock)
+with multiprocessing.get_context("fork").Pool(1, initializer=time.sleep, initargs=(3600,)):
+    pass  # leaving terminates the pool: SIGTERM to the worker, then wait for it
+print("pool terminated", flush=True)
+"""
+
+
+def test_forked_pool_workers_still_die_of_sigterm():
+    """A multiprocessing pool forked while the trainer listens (datasets' map, data.prepare) is stopped
+    with SIGTERM; its workers inherit the recording handler and must still die of it. Before, a
+    worker that had not finished recorded it and went on, and `Pool.terminate` waited for it forever
+    (a CI run hung so in a data.prepare test after an in-process `train.__main__.main()`)."""
+    res = subprocess.run(
+        [sys.executable, "-c", POOL_AFTER_LISTEN], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0 and "pool terminated" in res.stdout, res.stderr[-2000:]
+
+
+def test_the_cli_gives_an_in_process_caller_its_handler_back(monkeypatch, capsys):
+    """`train.__main__.main` listens from its first line; when it returns (here: refused input, exit 2)
+    the caller's SIGTERM handler is back, so a test process or a notebook is not left ignoring it."""
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["train", "optim.lr=-1"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module("train.__main__").main()
+    assert exc.value.code == 2 and "optim.lr" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -124,25 +124,37 @@ echo node-a; echo node-b
 """
 
 
-def test_slurm_template_forwards_the_early_sigterm_to_the_job_steps(tmp_path):
-    """The batch shell alone gets `--signal=B:TERM@N`: its trap passes it on to the steps (scancel
-    --signal), then it waits for srun and exits with srun's status. Slurm's commands are faked."""
-    fake, submit = tmp_path / "bin", tmp_path / "submit"
+def fake_slurm(fake: Path, submit: Path, commands: dict[str, str], **env: str) -> dict[str, str]:
+    """A submit directory with an empty venv, `commands` as scripts in `fake`, and the environment
+    of a 2-node job (id 4242, 8 GPUs each) that puts them first on PATH."""
     fake.mkdir()
     (submit / ".venv" / "bin").mkdir(parents=True)
     (submit / ".venv" / "bin" / "activate").write_text("")
-    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+    for name, text in commands.items():
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
-    env = dict(
+    return dict(
         os.environ,
-        PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
-        PYTHONPATH=str(ROOT),
         FAKE=str(fake),
         SLURM_SUBMIT_DIR=str(submit),
         SLURM_JOB_NODELIST="node-[a-b]",
         SLURM_JOB_ID="4242",
         SLURM_GPUS_ON_NODE="8",
+        **env,
+    )
+
+
+def test_slurm_template_forwards_the_early_sigterm_to_the_job_steps(tmp_path):
+    """The batch shell alone gets `--signal=B:TERM@N`: its trap passes it on to the steps (scancel
+    --signal), then it waits for srun and exits with srun's status. Slurm's commands are faked."""
+    fake, submit = tmp_path / "bin", tmp_path / "submit"
+    commands = {"srun": FAKE_SRUN, "scancel": FAKE_SCANCEL, "scontrol": FAKE_SCONTROL}
+    env = fake_slurm(
+        fake,
+        submit,
+        commands,
+        PATH=f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
     )
     proc = subprocess.Popen(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), "max_steps=7"],
@@ -207,28 +219,20 @@ def test_slurm_template_passes_each_override_to_launch_run_unchanged(tmp_path):
     a list of sources arrived in pieces and `${now:%Y}` as nothing. The fake srun runs the command as
     srun would; `python` records its argv, for the dry run and for the launched step."""
     fake, submit = tmp_path / "bin", tmp_path / "sub mit"  # the hostfile's path has a space too
-    fake.mkdir()
-    (submit / ".venv" / "bin").mkdir(parents=True)
-    (submit / ".venv" / "bin" / "activate").write_text("")
-    for name, text in (("srun", RUNNING_SRUN), ("python", ARGV_PYTHON), ("scontrol", FAKE_SCONTROL)):
-        (fake / name).write_text(text)
-        (fake / name).chmod(0o755)
+    commands = {"srun": RUNNING_SRUN, "python": ARGV_PYTHON, "scontrol": FAKE_SCONTROL}
+    env = fake_slurm(
+        fake,
+        submit,
+        commands,
+        PATH=f"{fake}:{os.environ['PATH']}",
+        REAL_PYTHON=sys.executable,
+        MASTER_PORT="29500",
+    )
     overrides = [
         "data.sources=[{path: /a.jsonl}, {path: /b.jsonl}]",
         "hydra.sweep.dir=runs/${now:%Y}",
         """+note=it's "quoted" * $HOME `x`""",
     ]
-    env = dict(
-        os.environ,
-        PATH=f"{fake}:{os.environ['PATH']}",
-        REAL_PYTHON=sys.executable,
-        MASTER_PORT="29500",
-        FAKE=str(fake),
-        SLURM_SUBMIT_DIR=str(submit),
-        SLURM_JOB_NODELIST="node-[a-b]",
-        SLURM_JOB_ID="4242",
-        SLURM_GPUS_ON_NODE="8",
-    )
     res = subprocess.run(
         ["bash", str(ROOT / "launch" / "slurm.sbatch"), *overrides],
         env=env,

@@ -75,8 +75,14 @@ class PackedDataset:
         return [int(stream.epoch_of(consumed[s])) for s, stream in enumerate(self.streams)]
 
 
-def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split | str) -> PackedDataset:
+def build_dataset(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split | str, untaken: Untaken | None = None
+) -> PackedDataset:
     """Load (or tokenise) every source and pack the requested split.
+
+    Tokenising a source (without `prepared_dir`) yields both splits; pass the same `untaken` dict to
+    the train and the eval call and each source is tokenised once: the other split waits there, handed
+    out once.
 
     Raises:
         FileNotFoundError: missing source files or prepared shards.
@@ -88,7 +94,7 @@ def build_dataset(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Sp
     stores = (
         _prepared_stores(cfg, tokenizer, split)
         if cfg.prepared_dir
-        else _tokenised_stores(cfg, tokenizer, split)
+        else _tokenised_stores(cfg, tokenizer, split, {} if untaken is None else untaken)
     )
     # the eval order ignores data.seed: runs that differ only in seed are scored on the same batches
     seed = cfg.seed if split is Split.train else 0
@@ -157,16 +163,27 @@ def _concat(arrays: Sequence[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.empty(0, dtype)
 
 
-def _tokenised_stores(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split) -> list[TokenStore]:
+Untaken = dict[tuple[Any, ...], dict[str, InMemoryTokens]]
+"""Splits tokenised along with the one asked for, kept for a later call (`build_dataset`'s `untaken`)."""
+
+
+def _tokenised_stores(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split, untaken: Untaken
+) -> list[TokenStore]:
     stores: list[TokenStore] = []
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}] (path={src.path!r})"
-        parts = tokenise_source(
-            load_source(src, i, cfg.datasets_cache), src.text_field, tokenizer, where, cfg.eval_fraction
-        )
-        if parts["train"].num_tokens == 0 and parts["eval"].num_tokens == 0:
-            raise ValueError(f"{where}: every document in {src.text_field!r} is empty or null")
-        stores.append(parts[split.value])
+        key = (*src.identity().values(), cfg.eval_fraction, cfg.datasets_cache, fingerprint(tokenizer))
+        parts = untaken.pop(key, {})
+        if split.value not in parts:
+            parts = tokenise_source(
+                load_source(src, i, cfg.datasets_cache), src.text_field, tokenizer, where, cfg.eval_fraction
+            )
+            if parts["train"].num_tokens == 0 and parts["eval"].num_tokens == 0:
+                raise ValueError(f"{where}: every document in {src.text_field!r} is empty or null")
+        stores.append(parts.pop(split.value))
+        if parts:
+            untaken[key] = parts
     return stores
 
 

@@ -31,7 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from data.config import DataConfig, Split
-from data.dataset import PackedDataset, build_dataset
+from data.dataset import PackedDataset, Untaken, build_dataset
 from data.mixture import Mixture
 
 STATE_VERSION = 1
@@ -45,6 +45,7 @@ def build_loader(
     dp_rank: int = 0,
     dp_world: int = 1,
     micro_batch_size: int = 1,
+    untaken: Untaken | None = None,
 ) -> PackedLoader:
     """Build the loader of one data-parallel rank.
 
@@ -55,6 +56,8 @@ def build_loader(
         dp_rank: this rank's index among the data-parallel ranks.
         dp_world: number of data-parallel ranks.
         micro_batch_size: samples per yielded batch on this rank.
+        untaken: shared by the train and eval loaders of a run, so that each source is tokenised
+            once (`data.dataset.build_dataset`).
 
     Raises:
         ValueError: bad rank arguments, and everything `data.dataset.build_dataset` raises.
@@ -63,7 +66,7 @@ def build_loader(
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
-    dataset = build_dataset(cfg, tokenizer, split)
+    dataset = build_dataset(cfg, tokenizer, split, untaken)
     return PackedLoader(
         dataset,
         dp_rank=dp_rank,

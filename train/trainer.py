@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.config import Split
+from data.dataset import Untaken
 from data.loader import build_loader, config_sequence_changes
 from data.tokenizer import check_vocab, load_tokenizer
 from moe.config import ModelConfig
@@ -135,6 +136,7 @@ class Trainer:
             ds.dp_group(),
         )
         self.routers = [m for m in self.model.modules() if isinstance(m, TopKRouter)]
+        untaken: Untaken = {}  # a source tokenised for training keeps its held-out split for eval
         self.loader = build_loader(
             cfg.data,
             self.tokenizer,
@@ -142,6 +144,7 @@ class Trainer:
             dp_rank=self.rank,
             dp_world=self.world,
             micro_batch_size=cfg.deepspeed.micro_batch_size,
+            untaken=untaken,
         )
         self.eval_loader = None
         if cfg.eval_every:  # built once; every evaluation rewinds it to the same first batch
@@ -152,6 +155,7 @@ class Trainer:
                 dp_rank=self.rank,
                 dp_world=self.world,
                 micro_batch_size=cfg.deepspeed.micro_batch_size,
+                untaken=untaken,
             )
             self._eval_start = self.eval_loader.state_dict()
         self.callbacks: list[Callback] = []

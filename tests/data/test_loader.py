@@ -276,3 +276,27 @@ def test_a_prefetcher_stopped_from_its_own_thread_does_not_wait_for_itself() -> 
     box["p"]._thread.join(timeout=30)
     assert not box["p"]._thread.is_alive()
     assert box["p"] not in _Prefetcher.live
+
+
+def test_train_and_eval_loaders_of_a_run_tokenise_each_source_once(cfg, tokenizer, monkeypatch) -> None:
+    """Tokenising a source yields both splits; the trainer's two loaders share them (before: the whole
+    corpus was tokenised twice on every rank at start) and get the same tokens as separate builds."""
+    from dataclasses import replace
+
+    from data import dataset
+
+    cfg = replace(cfg, eval_fraction=0.2, sources=[*cfg.sources, SourceConfig()])  # + the builtin corpus
+    alone = {split: build_loader(cfg, tokenizer, split).dataset for split in ("train", "eval")}
+    calls = []
+    real = dataset.tokenise_source
+    monkeypatch.setattr(dataset, "tokenise_source", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    untaken: dataset.Untaken = {}
+    shared = {
+        split: build_loader(cfg, tokenizer, split, untaken=untaken).dataset for split in ("train", "eval")
+    }
+    assert len(calls) == 2 and untaken == {}  # one call per source; every split handed out
+    for split in ("train", "eval"):
+        for a, b in zip(alone[split].streams, shared[split].streams, strict=True):
+            assert np.array_equal(a.store.read(0, a.store.num_tokens), b.store.read(0, b.store.num_tokens))
+    build_loader(cfg, tokenizer, "eval", untaken=untaken)  # asked again: tokenised again, not stale
+    assert len(calls) == 4

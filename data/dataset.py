@@ -76,9 +76,16 @@ class PackedDataset:
 
 
 def build_dataset(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split | str, untaken: Untaken | None = None
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerFast,
+    split: Split | str,
+    untaken: Untaken | None = None,
+    hash_unstamped: bool = True,
 ) -> PackedDataset:
     """Load (or tokenise) every source and pack the requested split.
+
+    A prepared directory without a valid stamp is hashed only where `hash_unstamped` (data-parallel
+    rank 0: `data.shards.PreparedDir.verify`); sizes are checked everywhere.
 
     Tokenising a source (without `prepared_dir`) yields both splits; pass the same `untaken` dict to
     the train and the eval call and each source is tokenised once: the other split waits there, handed
@@ -92,7 +99,7 @@ def build_dataset(
     cfg.validate()
     split = Split(split)
     stores = (
-        _prepared_stores(cfg, tokenizer, split)
+        _prepared_stores(cfg, tokenizer, split, hash_unstamped)
         if cfg.prepared_dir
         else _tokenised_stores(cfg, tokenizer, split, {} if untaken is None else untaken)
     )
@@ -187,7 +194,9 @@ def _tokenised_stores(
     return stores
 
 
-def _prepared_stores(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split) -> list[TokenStore]:
+def _prepared_stores(
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split, hash_unstamped: bool
+) -> list[TokenStore]:
     assert cfg.prepared_dir is not None
     root = Path(cfg.prepared_dir).expanduser()
     prepared = open_prepared(root, cfg.max_open_shards)
@@ -213,5 +222,5 @@ def _prepared_stores(cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split:
             "or use that fraction"
         )
     if cfg.verify_shards:
-        prepared.verify()
+        prepared.verify(hash_unstamped, Path(cfg.cache_dir).expanduser())
     return [prepared.store(i, split.value) for i in range(len(sources))]

@@ -13,9 +13,11 @@ Design choices:
 - Raw arrays, not .npy: a shard is appended to as workers deliver, with nothing to patch afterwards,
   and an interrupted `data.prepare` resumes by truncating to its last recorded lengths.
 - Integrity is checked in two tiers. Sizes, always, at every open (a stat per file). Hashes once:
-  `data.prepare` records each file's sha256 and writes the stamp; a reader that finds no valid stamp
-  (the directory was copied, a file was rewritten) hashes every file once, under a lock so that the
-  ranks of a node do it once, and writes the stamp (`DataConfig.verify_shards`).
+  `data.prepare` records each file's sha256 and writes the stamp. Where no valid stamp is found (the
+  directory was copied, a file was rewritten), data-parallel rank 0 alone hashes every file, under a
+  lock against other jobs where the file system has one, and writes the stamp: in the directory, or,
+  when it is read-only, under `<cache_dir>/verified/` (`DataConfig.verify_shards`). The other ranks
+  check sizes only: a 10 TB corpus is never read by every rank.
 - Shards are read with `os.pread` through one `FileHandles` per prepared directory and process,
   shared by every loader (train and eval): at most `max_open` descriptors, least recently used
   closed first, whatever the number of shards. Nothing is memory-mapped.
@@ -28,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -336,52 +339,81 @@ def index_files(index: dict[str, Any]) -> Iterator[tuple[dict[str, Any], int]]:
                 yield shard, int(shard["num_tokens"]) * itemsize
 
 
-def check_sizes(root: Path, index: dict[str, Any]) -> None:
-    """Every file exists with the size the index records (a stat per file).
+def check_sizes(root: Path, index: dict[str, Any]) -> dict[str, list[int]]:
+    """Every file exists with the size the index records (a stat per file). Returns each file's
+    `[size, mtime_ns]`, what a stamp records.
 
     Raises:
         FileNotFoundError: a missing file (named).
         ValueError: a truncated or over-long file (named).
     """
+    stats = {}
     for entry, expected in index_files(index):
         path = root / entry["file"]
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise FileNotFoundError(f"prepared shard {path} is missing") from None
-        if size != expected or size != entry["bytes"]:
-            state = "truncated" if size < expected else "longer than recorded"
-            raise ValueError(f"prepared shard {path} is {state}: {size} bytes, {INDEX} says {expected}")
+        if st.st_size != expected or st.st_size != entry["bytes"]:
+            state = "truncated" if st.st_size < expected else "longer than recorded"
+            raise ValueError(f"prepared shard {path} is {state}: {st.st_size} bytes, {INDEX} says {expected}")
+        stats[entry["file"]] = [st.st_size, st.st_mtime_ns]
+    return stats
 
 
-def _stamp_content(root: Path, index_bytes: bytes, index: dict[str, Any]) -> dict[str, Any]:
-    files = {}
-    for entry, _ in index_files(index):
-        st = (root / entry["file"]).stat()
-        files[entry["file"]] = [st.st_size, st.st_mtime_ns]
-    return {"index_sha256": hashlib.sha256(index_bytes).hexdigest(), "files": files}
-
-
-def write_stamp(root: Path) -> bool:
-    """Record that every file of `root` matches its hash as of now. False if `root` is read-only."""
+def _stamp_content(root: Path, stats: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """The index's hash and every file's `[size, mtime_ns]` (`stats` from `check_sizes`, or a stat now)."""
     index_bytes = (root / INDEX).read_bytes()
-    content = _stamp_content(root, index_bytes, json.loads(index_bytes))
-    tmp = root / f".{STAMP}.{os.getpid()}"
-    try:
-        tmp.write_text(json.dumps(content) + "\n")
-        os.replace(tmp, root / STAMP)
-    except OSError:
-        return False
-    return True
+    if stats is None:
+        stats = {
+            entry["file"]: [(st := (root / entry["file"]).stat()).st_size, st.st_mtime_ns]
+            for entry, _ in index_files(json.loads(index_bytes))
+        }
+    return {"index_sha256": hashlib.sha256(index_bytes).hexdigest(), "files": stats}
 
 
-def stamp_valid(root: Path, index: dict[str, Any]) -> bool:
-    """True if the stamp matches this index and every file's size and mtime (a stat per file)."""
+def stamp_paths(root: Path, fallback_dir: Path | None = None) -> list[Path]:
+    """Where a stamp of `root` may be: in it, then (for a read-only directory) under `fallback_dir`,
+    named by a hash of the directory's resolved path."""
+    paths = [root / STAMP]
+    if fallback_dir is not None:
+        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+        paths.append(fallback_dir / "verified" / f"{key}.json")
+    return paths
+
+
+def write_stamp(root: Path, fallback_dir: Path | None = None) -> Path | None:
+    """Record that every file of `root` matches its hash as of now: in `root`, or under `fallback_dir`
+    when `root` is read-only. Returns where, or None when neither could be written."""
+    text = json.dumps(_stamp_content(root)) + "\n"
+    for path in stamp_paths(root, fallback_dir):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        except OSError:
+            continue
+        return path
+    return None
+
+
+def stamp_valid(
+    root: Path, fallback_dir: Path | None = None, stats: dict[str, list[int]] | None = None
+) -> bool:
+    """True if a stamp matches the index and every file's size and mtime (`stats` from `check_sizes`,
+    or a stat per file now)."""
     try:
-        stamp = json.loads((root / STAMP).read_text())
-        return stamp == _stamp_content(root, (root / INDEX).read_bytes(), index)
+        current = _stamp_content(root, stats)
     except (OSError, ValueError):
         return False
+    for path in stamp_paths(root, fallback_dir):
+        try:
+            if json.loads(path.read_text()) == current:
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def verify_hashes(root: Path, index: dict[str, Any]) -> None:
@@ -402,14 +434,19 @@ def verify_hashes(root: Path, index: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _verify_lock(root: Path) -> Iterator[None]:
-    """An exclusive lock on `root/.verify.lock` (no lock where `root` is read-only)."""
+    """An exclusive lock on `root/.verify.lock`, against another job hashing the same directory. None
+    where `root` is read-only or the file system has no flock (Lustre `noflock`: ENOSYS)."""
     try:
         f = open(root / ".verify.lock", "a")  # noqa: SIM115
     except OSError:
         yield
         return
     with f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            yield
+            return
         try:
             yield
         finally:
@@ -423,21 +460,33 @@ class PreparedDir:
     def __init__(self, root: Path, max_open: int):
         self.root = root
         self.index = read_index(root)
-        check_sizes(root, self.index)
+        self.stats = check_sizes(root, self.index)
         self.handles = FileHandles(max_open)
-        self.hashes_checked = False
+        self.verified = False
+        """This process has done its part of the hash check (`verify`)."""
         self.dtype = np.dtype(self.index["dtype"])
 
-    def verify(self) -> None:
-        """Check the hashes unless a valid stamp says they were checked; then stamp."""
-        if self.hashes_checked or stamp_valid(self.root, self.index):
-            self.hashes_checked = True
+    def verify(self, hash_unstamped: bool, fallback_dir: Path | None = None) -> None:
+        """Check the hashes unless a valid stamp says they were checked, then stamp (under
+        `fallback_dir` if the directory is read-only). Only a caller with `hash_unstamped` (data-parallel
+        rank 0) hashes; the others rely on the sizes `check_sizes` checked.
+
+        Raises:
+            ValueError: a corrupt file (named).
+        """
+        if self.verified:
             return
-        with _verify_lock(self.root):
-            if not stamp_valid(self.root, self.index):  # another process may have done it meanwhile
-                verify_hashes(self.root, self.index)
-                write_stamp(self.root)
-        self.hashes_checked = True
+        if hash_unstamped and not stamp_valid(self.root, fallback_dir, self.stats):
+            with _verify_lock(self.root):
+                if not stamp_valid(self.root, fallback_dir):  # another job may have stamped it meanwhile
+                    verify_hashes(self.root, self.index)
+                    if write_stamp(self.root, fallback_dir) is None:
+                        print(
+                            f"warning: could not stamp {self.root} (read-only) nor under {fallback_dir}: its "
+                            "shards will be hashed again at the next start",
+                            file=sys.stderr,
+                        )
+        self.verified = True
 
     def store(self, source: int, split: str) -> ShardedTokens:
         entry = self.index["sources"][source]["splits"][split]

@@ -111,6 +111,53 @@ def test_train_start_checks_sizes_only(tmp_path, cache_dir, tokenizer):
     assert build_both(copy) < corpus_bytes / 10  # stamped by that first check
 
 
+def test_only_rank_0_hashes_and_a_read_only_directory_is_stamped_in_the_cache(
+    tmp_path, cache_dir, tokenizer, monkeypatch
+):
+    """A copy (new mtimes: no valid stamp) on a read-only file system without flock (a shared dataset
+    mount): other ranks check sizes only, rank 0 hashes once and stamps under `<cache_dir>/verified/`,
+    and the next start reads almost nothing. Before, every rank hashed the whole corpus at every
+    start (the stamp could not be written), and a file system without flock stopped training."""
+    import errno
+    import fcntl
+
+    from data import shards
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(3000, seed=3))
+    cfg = data_config(cache_dir, [corpus], eval_fraction=0.1, prepared_dir=str(tmp_path / "p"))
+    prepare(PrepareConfig(data=cfg, num_workers=1, shard_tokens=20_000, progress=False))
+    subprocess.run(["cp", "-r", str(tmp_path / "p"), str(tmp_path / "ro")], check=True)
+    ro = tmp_path / "ro"
+    corpus_bytes = sum(f.stat().st_size for f in ro.rglob("*.bin"))
+    real_replace = os.replace
+
+    def read_only_replace(src, dst):
+        if Path(dst).parent == ro:
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real_replace(src, dst)
+
+    def no_flock(*args):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(shards.os, "replace", read_only_replace)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    copy = replace(cfg, prepared_dir=str(ro), cache_dir=str(tmp_path / "cache"))
+
+    def build(rank: int) -> int:
+        start = bytes_read()
+        build_loader(copy, tokenizer, "train", dp_rank=rank, dp_world=2)
+        build_loader(copy, tokenizer, "eval", dp_rank=rank, dp_world=2)
+        return bytes_read() - start
+
+    assert build(1) < corpus_bytes / 10  # another rank: sizes only
+    assert build(0) >= corpus_bytes  # rank 0: hashed once
+    assert (ro / shards.STAMP).read_text() == (tmp_path / "p" / shards.STAMP).read_text()  # the stale copy
+    (stamp,) = (tmp_path / "cache" / "verified").iterdir()
+    assert build(0) < corpus_bytes / 10  # the next start: the stamp in the cache is valid
+    (ro / "source_000" / "train" / "tokens_00000.bin").touch()  # rewritten, as far as a stat can tell
+    assert build(0) >= corpus_bytes
+
+
 DRIVER = """
 import sys
 from data.config import DataConfig, SourceConfig

@@ -103,7 +103,8 @@ class DataConfig:
     new_mixture_on_resume: bool = False
     """Accept changed source weights or `mixture_window` when resuming (an annealing phase): the model
     and optimizer state continue, and the mixture starts a new position from which every source
-    continues where it stopped, so nothing is repeated. Without it such a change is refused."""
+    continues where it stopped, so nothing is repeated (a change mid-window skips the rest of that
+    window, at most one window's share per source). Without it such a change is refused."""
 
     @property
     def datasets_cache(self) -> str:

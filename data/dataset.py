@@ -6,8 +6,8 @@ and an eval store: the eval documents are held out by a hash of their text (`dat
 with no held-out document are left out of the eval mixture.
 
 Mixture phases: a resumed run may change the weights (`DataConfig.new_mixture_on_resume`); the new
-mixture then starts at global sample 0 with `source_offsets`, the samples each source had served,
-so every source continues where it stopped.
+mixture then starts at global sample 0 with `source_offsets`, past the samples each source had
+served (the rest of a window entered is skipped: `Mixture.reserved`), so nothing is served twice.
 """
 
 from __future__ import annotations

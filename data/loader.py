@@ -14,7 +14,8 @@ Design choices:
   thread still inside torch when the interpreter finalizes aborts the process ("terminate called
   without an active exception", exit 134) after a run that had finished.
 - Mixture phases: with `DataConfig.new_mixture_on_resume`, a resume with other weights starts the new
-  mixture at sample 0, each source offset by the samples it had served (`source_offsets` in the state).
+  mixture at sample 0, each source offset past the samples of the windows it had entered
+  (`source_offsets` in the state, `Mixture.reserved`): nothing is served twice.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class PackedLoader:
         next_sample = int(state["next_sample"])
         if changed and set(changed) <= _MIXTURE and self.new_mixture_on_resume:
             old = Mixture(saved["weights"], saved["mixture_window"], self.dataset.mixture.key)
-            offsets, next_sample = offsets + old.consumed(next_sample), 0
+            offsets, next_sample = offsets + old.reserved(next_sample), 0
         elif changed:
             detail = "; ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
             hint = (

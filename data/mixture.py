@@ -2,10 +2,10 @@
 
 The global sample sequence is cut into windows of `window` samples. Every window gives each source a
 fixed quota (its weight's share of the window, rounded by largest remainder) and places the slots in
-a keyed pseudo-random order. Source s's k-th slot of window c is its sample c * quota[s] + k, so each
-source reads its own stream in order, without gaps or repeats, and realised proportions never drift
-more than one window from the quotas. A source smaller than its share simply goes through more
-epochs of its own than a larger one.
+a keyed pseudo-random order: window c serves source s its samples [c * quota[s], (c + 1) * quota[s]),
+in that permuted order. So each source reads its own stream window by window, without gaps or
+repeats, and realised proportions never drift more than one window from the quotas. A source smaller
+than its share simply goes through more epochs of its own than a larger one.
 """
 
 from __future__ import annotations
@@ -66,6 +66,16 @@ class Mixture:
         source = np.searchsorted(self._starts, position, side="right") - 1
         local = window_idx * self.quotas[source] + position - self._starts[source]
         return source, local
+
+    def reserved(self, g: int) -> np.ndarray:
+        """Each source's samples in the windows that global samples [0, g) have entered: where a new
+        mixture phase starting at g continues every source. Within a window a source's samples are
+        served in a permuted order, so those not yet served when g falls mid-window are not a suffix:
+        continuing at `consumed(g)` would serve some twice and skip as many. The rest of the window
+        is skipped instead (at most one window's quota per source); nothing is served twice."""
+        if self.num_sources == 1:
+            return np.array([g], dtype=np.int64)
+        return -(-g // self.window) * self.quotas
 
     def consumed(self, g: int) -> np.ndarray:
         """Samples each source has served among global samples [0, g)."""

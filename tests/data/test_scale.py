@@ -286,6 +286,29 @@ def test_mixture_weights_change_on_resume_with_the_option(tmp_path, cache_dir, t
     assert np.array_equal(blocks_of(next(third)), blocks_of(next(second)))
 
 
+def test_a_mixture_change_mid_window_serves_nothing_twice(tmp_path, cache_dir, tokenizer):
+    """The change falls mid-window (36 samples, window 8). Within a window a source's samples come in
+    a permuted order, so continuing at the count served repeated some and skipped as many (the review
+    found 174 of 512 repeated); the new phase now starts past the window entered."""
+    a = write_jsonl(tmp_path / "a.jsonl", make_docs(60, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", make_docs(60, seed=2))
+    cfg = data_config(cache_dir, [a, b], mixture_window=8, seq_len=16)
+    first = build_loader(cfg, tokenizer, micro_batch_size=4)
+    take(first, 9)
+    annealed = replace(cfg, sources=[replace(cfg.sources[0], weight=3.0), cfg.sources[1]])
+    annealed.new_mixture_on_resume = True
+    second = build_loader(annealed, tokenizer, micro_batch_size=4)
+    second.load_state_dict(first.state_dict())
+    old_src, old_local = first.dataset.mixture.locate(np.arange(36))
+    new_src, new_local = second.dataset.mixture.locate(np.arange(40))
+    new_local = new_local + second.dataset.source_offsets[new_src]
+    for s in (0, 1):
+        before, after = set(old_local[old_src == s].tolist()), set(new_local[new_src == s].tolist())
+        assert 16 <= len(before) <= 20 and not before & after, s  # 4 windows of 4, part of the 5th
+        assert after == set(range(20, 20 + len(after)))  # past window 4 (its share: 4), no more skipped
+    assert any(len(set(old_local[old_src == s].tolist())) not in (16, 20) for s in (0, 1))  # mid-window
+
+
 def test_datasets_cache_can_live_away_from_home(tmp_path, cache_dir):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(20))
     scratch = tmp_path / "scratch"

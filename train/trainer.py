@@ -207,7 +207,7 @@ class Trainer:
     ) -> dict[str, resume_check.Change]:
         """What this run changes against the checkpoint's recorded config; ValueError for another model."""
         meta = json.loads((ckpt / checkpoint.META).read_text())
-        sequence = config_sequence_changes(meta["loader"], self.cfg.data)
+        sequence = config_sequence_changes(meta.get("loader", {}), self.cfg.data)
         if sequence:
             raise ValueError(
                 f"cannot resume from {ckpt}: the data sample sequence differs ({'; '.join(sequence)}). A "

@@ -4,10 +4,11 @@
 the language reference. Each topic is split at its section headings into documents.
 
 Design choices:
-- Exact duplicates (sections shared by several topics) are kept once, so no held-out document also
-  sits in the training split.
+- Exact duplicates (sections shared by several topics) are kept once.
 - Documents are ordered by the sha256 of their text: a fixed pseudo-random order that does not depend
-  on any RNG, so the held-out tail (`DataConfig.eval_fraction`) is a random sample of topics.
+  on any RNG. The eval split does not depend on that order: like every source, each document is held
+  out or not by a keyed hash of its text (`data.encode.is_eval_document`, `DataConfig.eval_fraction`
+  of them), a pseudo-random sample of sections that is the same in every run.
 - The text differs between Python versions; `corpus_fingerprint()` keys everything cached from it.
 """
 

@@ -1,6 +1,6 @@
 """Start `python -m train` under DeepSpeed's launcher, on one node or many.
 
-    python -m launch.run --num-gpus 8 -- experiment=quickstart            # one node
+    python -m launch.run --num-gpus 8 -- experiment=quickstart_dense      # one node
     python -m launch.run --hostfile launch/hostfile.example -- parallel=ep8  # many nodes (pdsh)
     python -m launch.run --hostfile H --node-rank 1 --master-addr node1 -- ...  # one node of many (SLURM)
     python -m launch.run --dry-run ...                                        # print, run nothing

@@ -122,7 +122,11 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         raise FileExistsError(f"data.prepared_dir={str(out)!r} exists; set overwrite=true to replace it")
     tokenizer = load_tokenizer(data.tokenizer, data.cache_dir)
     eos, dtype = int(tokenizer.eos_token_id), token_dtype(len(tokenizer))
-    datasets_ = [load_source(src, i, data.datasets_cache) for i, src in enumerate(data.sources)]
+    # the Arrow conversion of a many-file source runs on up to num_workers processes (0: this one)
+    datasets_ = [
+        load_source(src, i, data.datasets_cache, num_proc=cfg.num_workers)
+        for i, src in enumerate(data.sources)
+    ]
     fields = [src.text_field for src in data.sources]
     workers = cfg.num_workers or _auto_workers(datasets_)
     job = {
@@ -149,13 +153,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         state = {"job": job, "task_sizes": sizes, "next_task": 0, "writers": {}}
     else:
         print(f"data.prepare: resuming {partial} after task {state['next_task']}")
-    tasks = [
-        (i, start, min(start + size, len(ds)))
-        for i, (ds, size) in enumerate(zip(datasets_, state["task_sizes"]))
-        for start in range(0, len(ds), size)
-    ]
+    rows = [len(ds) for ds in datasets_]
+    num_tasks = sum(-(-n // size) for n, size in zip(rows, state["task_sizes"]))
     resumed_at = int(state["next_task"])
-    workers = max(1, min(workers, len(tasks) - resumed_at))
+    workers = max(1, min(workers, num_tasks - resumed_at))
     writers = {
         (i, split): ShardWriter(
             partial, i, split, dtype, cfg.shard_tokens, state["writers"].get(f"{i}/{split}")
@@ -166,7 +167,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     _record(partial, state, resumed_at, writers)
     exit_after = int(os.environ.get(EXIT_AFTER_TASKS, "0"))
     bar = tqdm(
-        total=len(tasks),
+        total=num_tasks,
         initial=resumed_at,
         unit="task",
         desc="tokenising",
@@ -176,7 +177,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         bar,
         _encoded(
             _Job(tokenizer.backend_tokenizer.to_str(), datasets_, fields, eos, dtype, data.eval_fraction),
-            tasks[resumed_at:],
+            _tasks(rows, state["task_sizes"], resumed_at),
             workers,
         ) as results,
     ):
@@ -252,6 +253,19 @@ def _record(partial: Path, state: dict[str, Any], next_task: int, writers: dict[
     os.replace(tmp, partial / PROGRESS)
 
 
+def _tasks(rows: list[int], sizes: list[int], first: int) -> Iterator[tuple[int, int, int]]:
+    """Tasks `(source, start row, stop row)` in order, from task number `first` on: generated, not
+    listed (5 billion documents in tasks of 256 are 20 million tuples, ~3 GB as a list)."""
+    for i, (n, size) in enumerate(zip(rows, sizes)):
+        count = -(-n // size)
+        if first >= count:
+            first -= count
+            continue
+        for start in range(first * size, n, size):
+            yield i, start, min(start + size, n)
+        first = 0
+
+
 # ---- workers -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
@@ -301,7 +315,7 @@ def bounded_imap(pool: Any, fn: Any, items: Iterable[Any], window: int) -> Itera
 
 @contextmanager
 def _encoded(
-    job: _Job, tasks: list, workers: int
+    job: _Job, tasks: Iterable[tuple[int, int, int]], workers: int
 ) -> Iterator[Iterator[tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]]]:
     """Task results in task order, from a pool of `workers` processes (or this one)."""
     if workers <= 1:

@@ -29,7 +29,7 @@ _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
 
 
-def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Dataset:
+def load_source(src: SourceConfig, index: int, cache_dir: str, num_proc: int = 0) -> datasets.Dataset:
     """Load one source's rows, keeping only its text column.
 
     Args:
@@ -37,6 +37,8 @@ def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Datas
         index: its position in `data.sources`, for error messages.
         cache_dir: Hugging Face datasets' cache (`DataConfig.datasets_cache`): its Arrow copy of
             local files and Hub downloads.
+        num_proc: processes that convert local files to Arrow, one file each at a time (0 or 1: this
+            process); the rows keep the files' order.
 
     Raises:
         FileNotFoundError: a local path, directory or glob with no data files.
@@ -52,7 +54,7 @@ def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Datas
         ds = datasets.Dataset.from_dict({"text": list(builtin_documents())})
         origin = "the builtin corpus"
     else:
-        ds, origin = _load(src, where, str(Path(cache_dir).expanduser()))
+        ds, origin = _load(src, where, str(Path(cache_dir).expanduser()), num_proc)
     if src.text_field not in ds.column_names:
         raise ValueError(
             f"data.sources[{index}].text_field={src.text_field!r} is not a column of {origin}; "
@@ -68,7 +70,7 @@ def load_source(src: SourceConfig, index: int, cache_dir: str) -> datasets.Datas
     return ds.select_columns([src.text_field])
 
 
-def _load(src: SourceConfig, where: str, cache_dir: str) -> tuple[datasets.Dataset, str]:
+def _load(src: SourceConfig, where: str, cache_dir: str, num_proc: int = 0) -> tuple[datasets.Dataset, str]:
     path = os.path.expanduser(src.path)
     if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, m)) for m in _SAVED_MARKERS):
         return _load_saved(path, src, where), path
@@ -91,7 +93,15 @@ def _load(src: SourceConfig, where: str, cache_dir: str) -> tuple[datasets.Datas
     if all(os.path.getsize(f) == 0 for f in files):
         raise ValueError(f"{where}: {origin} is empty (0 bytes)")
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split=src.split, cache_dir=cache_dir, **kwargs)
+        procs = min(num_proc, len(files))
+        ds = datasets.load_dataset(
+            builder,
+            data_files=files,
+            split=src.split,
+            cache_dir=cache_dir,
+            num_proc=procs if procs > 1 else None,
+            **kwargs,
+        )
     except Exception as e:
         if "corresponds to no data" in str(e):  # datasets' way of saying "0 rows"
             raise ValueError(f"{where}: {origin} is empty (0 rows)") from e

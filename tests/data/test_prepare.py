@@ -211,17 +211,25 @@ def test_command_line(tmp_path, cache_dir, tokenizer) -> None:
 
 
 def test_worker_processes_and_in_process_write_identical_shards(tmp_path, cache_dir) -> None:
-    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    """Three files: with 2 workers datasets converts them to Arrow on 2 processes too (a fresh Arrow
+    cache each time), and the rows keep the files' order."""
+    (tmp_path / "parts").mkdir()
+    for k in range(3):
+        write_jsonl(tmp_path / "parts" / f"{k}.jsonl", DOCS[k::3])
+    corpus = str(tmp_path / "parts" / "*.jsonl")
     hashes = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        cfg = data_config(cache_dir, [corpus], prepared_dir=str(out))
+        cfg = data_config(
+            cache_dir, [corpus], prepared_dir=str(out), datasets_cache_dir=str(tmp_path / f"a{workers}")
+        )
         prepare(
             PrepareConfig(data=cfg, num_workers=workers, docs_per_task=7, shard_tokens=3000, progress=False)
         )
         index = json.loads((out / INDEX).read_text())
         hashes.append([(s["file"], s["sha256"]) for s in index["sources"][0]["splits"]["train"]["shards"]])
     assert len(hashes[0]) > 1 and hashes[0] == hashes[1]
+    assert len(list((tmp_path / "a2").rglob("*.arrow"))) == 2  # converted by 2 processes (1 before)
 
 
 def test_small_inputs_are_tokenised_in_process(cache_dir) -> None:

@@ -91,9 +91,9 @@ class ScheduleConfig:
                 f"schedule.warmup_steps={warmup} >= max_steps={max_steps}: the LR reaches only {peak:.0%} "
                 "of optim.lr and never decays"
             ]
-        if self.kind is ScheduleKind.step and warmup > 0.8 * max_steps:
+        if self.kind is ScheduleKind.step and warmup >= 0.8 * max_steps:
             return [
-                f"schedule.warmup_steps={warmup} > 80% of max_steps={max_steps}: the step schedule's "
+                f"schedule.warmup_steps={warmup} >= 80% of max_steps={max_steps}: the step schedule's "
                 "first decay falls inside the warmup, so the LR never holds its peak and drops from the "
                 "end of the warmup straight to a decayed value"
             ]

@@ -5,37 +5,71 @@ one all-reduce), saves that step and exits 0. `python -m train` starts listening
 it builds anything, because building a run (DeepSpeed, the model, a restore) takes minutes at scale and
 the default action (die at once, exit 143) would fail the job: a SIGTERM that arrives then stops the
 run before its first step, with nothing new to save. SIGINT keeps its default (KeyboardInterrupt)
-until training starts, so Ctrl-C still interrupts a slow start.
+until `Trainer.fit` starts, so Ctrl-C still interrupts building the run.
+
+Processes forked meanwhile (datasets' and data.prepare's pools) get the default actions back at the
+fork: their parent stops them with SIGTERM (`Pool.terminate`), which must kill them wherever they
+are, in C code included, or the parent waits for them forever.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 _received: int | None = None
 _listener_pid: int | None = None
+_DEFAULTS: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int] = {
+    signal.SIGTERM: signal.SIG_DFL,
+    signal.SIGINT: signal.default_int_handler,
+}
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
     global _received
-    if os.getpid() != _listener_pid:
-        # a forked child (a multiprocessing pool of datasets or data.prepare) inherits this handler;
-        # its parent stops it with SIGTERM (`Pool.terminate`), so it must die as by default, or the
-        # parent waits for it forever
-        signal.signal(signum, signal.SIG_DFL)
+    if os.getpid() != _listener_pid:  # a child forked without the hook (a fork outside Python's)
+        signal.signal(signum, _DEFAULTS.get(signal.Signals(signum), signal.SIG_DFL))
         os.kill(os.getpid(), signum)
         return
     _received = signum
 
 
+_fork = threading.local()  # the forking thread's signal mask, blocked across the fork
+
+
+def _before_fork() -> None:
+    listening = any(signal.getsignal(s) is _record for s in _DEFAULTS)
+    _fork.mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(_DEFAULTS)) if listening else None
+
+
+def _after_fork_in_parent() -> None:
+    if getattr(_fork, "mask", None) is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _fork.mask)
+
+
+def _after_fork_in_child() -> None:
+    """The default actions back, then the signals unblocked: one that arrived since the fork (the
+    parent terminating a pool it just made) was held by the kernel and now acts by default. Unblocked
+    before the reset, Python's handler would have caught it and then dropped it."""
+    for s, default in _DEFAULTS.items():
+        if signal.getsignal(s) is _record:
+            signal.signal(s, default)
+    if getattr(_fork, "mask", None) is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, _fork.mask)
+
+
 def listen(*signums: signal.Signals) -> dict[signal.Signals, Callable[..., Any] | int | None]:
     """Record `signums` (SIGTERM when none is given) from now on, in this process only (forked
-    children keep the default action); returns the handlers they replace, for `restore`."""
+    children get the default actions back); returns the handlers they replace, for `restore`."""
     global _listener_pid
+    if _listener_pid is None:
+        os.register_at_fork(
+            before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
+        )
     _listener_pid = os.getpid()
     return {s: signal.signal(s, _record) for s in signums or (signal.SIGTERM,)}
 
@@ -47,6 +81,14 @@ def restore(previous: dict[signal.Signals, Callable[..., Any] | int | None]) -> 
 
 
 def received() -> int | None:
-    """The last stop signal received since the process started, if any. It is never forgotten: the
-    process is going down, and every later job of a sweep stops before its first step too."""
+    """The last stop signal received since the process started, if any. A SIGTERM is never
+    forgotten: the process is going down, and every later job of a sweep stops before its first step
+    too. A SIGINT is forgotten when the run it stopped ends (`forget_interrupt`)."""
     return _received
+
+
+def forget_interrupt() -> None:
+    """Forget a recorded Ctrl-C: it stopped one run, not every later run of the process (a notebook)."""
+    global _received
+    if _received == signal.SIGINT:
+        _received = None

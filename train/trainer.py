@@ -260,15 +260,18 @@ class Trainer:
             return self._fit()
         finally:
             preemption.restore(previous)
+            preemption.forget_interrupt()
 
     def _fit(self) -> list[dict[str, float]]:
         cfg = self.cfg
         ds.finished_cleanly = False
-        self.resume_if_requested()
-        signum = self._stop_signal()
+        signum = self._stop_signal()  # a SIGTERM while building: do not spend the grace on a restore
+        if signum is None:
+            self.resume_if_requested()
+            signum = self._stop_signal()
         if signum is not None:
             if self.rank == 0:
-                print(f"stopped by signal {signum} before step {self.step + 1}; nothing new to save")
+                print(f"stopped by signal {signum} before training; nothing new to save")
             return self._finish([], None, started=False)
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         for cb in self.callbacks:

@@ -222,7 +222,7 @@ def test_a_warmup_the_run_has_no_room_for_is_warned_about():
     cfg.max_steps, cfg.schedule.kind = 12, ScheduleKind.step
     (warning,) = cfg.warnings(cfg.model_config())
     assert warning.startswith(
-        "schedule.warmup_steps=10 > 80% of max_steps=12: the step schedule's first decay"
+        "schedule.warmup_steps=10 >= 80% of max_steps=12: the step schedule's first decay"
     )
     cfg.schedule.kind = ScheduleKind.cosine  # cosine decays after any warmup shorter than the run
     assert cfg.warnings(cfg.model_config()) == []

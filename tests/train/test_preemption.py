@@ -25,14 +25,31 @@ print("pool terminated", flush=True)
 """
 
 
-def test_forked_pool_workers_still_die_of_sigterm():
+POOL_STUCK_IN_C = """
+import ctypes, multiprocessing
+from train import preemption
+libc = ctypes.CDLL("libc.so.6")
+mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER (glibc)
+libc.pthread_mutex_lock(mutex)  # held across the fork: the classic fork deadlock
+
+def stuck():
+    libc.pthread_mutex_lock(mutex)  # blocks in C: a Python-level handler would never run
+
+preemption.listen()
+with multiprocessing.get_context("fork").Pool(1, initializer=stuck):
+    pass
+print("pool terminated", flush=True)
+"""
+
+
+@pytest.mark.parametrize("probe", [POOL_AFTER_LISTEN, POOL_STUCK_IN_C], ids=["in_python", "in_c"])
+def test_forked_pool_workers_still_die_of_sigterm(probe):
     """A multiprocessing pool forked while the trainer listens (datasets' map, data.prepare) is stopped
     with SIGTERM; its workers inherit the recording handler and must still die of it. Before, a
     worker that had not finished recorded it and went on, and `Pool.terminate` waited for it forever
-    (a CI run hung so in a data.prepare test after an in-process `train.__main__.main()`)."""
-    res = subprocess.run(
-        [sys.executable, "-c", POOL_AFTER_LISTEN], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
+    (a CI run hung so in a data.prepare test after an in-process `train.__main__.main()`). A worker
+    blocked in C never runs a Python handler: the fork itself must restore the default action."""
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "pool terminated" in res.stdout, res.stderr[-2000:]
 
 
@@ -46,3 +63,24 @@ def test_the_cli_gives_an_in_process_caller_its_handler_back(monkeypatch, capsys
         importlib.import_module("train.__main__").main()
     assert exc.value.code == 2 and "optim.lr" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_ctrl_c_stops_one_run_and_a_sigterm_every_later_one(monkeypatch):
+    """`Trainer.fit` forgets a recorded SIGINT when its run ends (a notebook's next run trains); a
+    SIGTERM stays (the process is being preempted: a sweep's later jobs stop too)."""
+    import os
+
+    from train import preemption
+
+    monkeypatch.setattr(preemption, "_received", None)
+    previous = preemption.listen(signal.SIGTERM, signal.SIGINT)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.received() == signal.SIGINT
+        preemption.forget_interrupt()
+        assert preemption.received() is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        preemption.forget_interrupt()
+        assert preemption.received() == signal.SIGTERM
+    finally:
+        preemption.restore(previous)

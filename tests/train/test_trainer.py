@@ -59,7 +59,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 
 def test_sigterm_while_the_run_is_built_stops_every_rank_before_its_first_step(tmp_path):
     """2 processes, ep 2, resuming step 2; rank 1 alone gets SIGTERM while it builds the run (a
-    preemption during a long restore). Both ranks stop before step 3 and exit 0, nothing is written,
+    preemption during a long build). Both ranks stop before the restore and exit 0, nothing is written,
     and the next resume continues (before: rank 1 died of the signal and the job failed)."""
     run = tmp_path / "run"
     train(run, "max_steps=2", "parallel=ep2", procs=2)
@@ -67,7 +67,8 @@ def test_sigterm_while_the_run_is_built_stops_every_rank_before_its_first_step(t
         run, "max_steps=4", "parallel=ep2", procs=2, env={"FINEMOE_FAULT_SIGTERM_AT_BUILD": "1"}, check=False
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "stopped by signal 15 before step 3; nothing new to save" in res.stdout
+    assert "stopped by signal 15 before training; nothing new to save" in res.stdout
+    assert "resumed from" not in res.stdout  # the grace is not spent on a restore
     assert [p.name for p in checkpoint.list_complete(run)] == ["step_00000002"]
     assert [m["step"] for m in metrics(run)] == [1, 2]
     train(run, "max_steps=4", "parallel=ep2", procs=2)

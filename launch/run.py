@@ -182,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     return run_forwarding_sigterm(cmd, {**os.environ, **env})
 
 
+def _process_tree(root_pid: int) -> list[Any]:
+    """`root_pid` and every process below it (psutil processes), the deepest first."""
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        return [*reversed(root.children(recursive=True)), root]
+    except psutil.Error:
+        return []
+
+
 def trainer_processes(root_pid: int) -> list[Any]:
     """The trainers under `root_pid`: the children of every DeepSpeed per-node launcher below it."""
     import psutil
@@ -204,9 +215,11 @@ def trainer_processes(root_pid: int) -> list[Any]:
 def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` (a DeepSpeed launcher); on SIGTERM, signal its trainers and keep waiting for it.
 
-    Before any trainer has started there is nothing to save: the launcher itself is terminated. The
-    handler is installed before the launcher starts: a SIGTERM that arrives while it is being started
-    is forwarded as soon as it runs (before, the default action killed this process and orphaned it).
+    Before any trainer has started there is nothing to save: the launcher and every process under it
+    are terminated (DeepSpeed's single-node runner has no SIGTERM handler: signalled alone, it died
+    and left its per-node launcher to start the trainers unattended). The handler is installed before
+    the launcher starts: a SIGTERM that arrives while it is being started is forwarded as soon as it
+    runs (before, the default action killed this process and orphaned the launcher).
     """
     started: list[subprocess.Popen] = []
     pending: list[int] = []
@@ -216,7 +229,7 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
             pending.append(signum)
             return
         trainers = trainer_processes(started[0].pid)
-        targets = trainers or [started[0]]
+        targets = trainers or _process_tree(started[0].pid)
         for p in targets:
             with contextlib.suppress(Exception):  # psutil.NoSuchProcess, OSError: it has exited already
                 p.send_signal(signum)

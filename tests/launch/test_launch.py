@@ -247,3 +247,48 @@ def test_slurm_template_passes_each_override_to_launch_run_unchanged(tmp_path):
     node = ["--hostfile", hostfile, "--master-addr", "node-a", "--master-port", "29500"]
     assert dry_run == ["-m", "launch.run", *node, "--dry-run", "--", *overrides]
     assert step == ["-m", "launch.run", *node, "--node-rank", "0", "--", *overrides]
+
+
+TREE_WHILE_STARTING = """
+import os, signal, subprocess, sys
+from launch import run
+real = subprocess.Popen
+def preempted_while_starting(cmd, env):
+    proc = real(cmd, env=env)
+    while not os.path.exists(sys.argv[1]):  # the child launcher has started
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)
+    return proc
+subprocess.Popen = preempted_while_starting
+# a runner without a SIGTERM handler that started a per-node launcher (here: a sleep), as DeepSpeed's does
+script = f"sleep 60 & echo $! > {sys.argv[1]}.tmp && mv {sys.argv[1]}.tmp {sys.argv[1]}; wait"
+print("launcher exit status", run.run_forwarding_sigterm(["bash", "-c", script], dict(os.environ)), flush=True)
+"""
+
+
+def test_a_sigterm_before_any_trainer_ends_every_process_the_launcher_started(tmp_path):
+    """With no trainer yet, the whole tree under the launcher is terminated, not the launcher alone
+    (DeepSpeed's runner has no SIGTERM handler: it died and left its per-node launcher running)."""
+    import psutil
+
+    pid_file = tmp_path / "child.pid"
+    res = subprocess.run(
+        [sys.executable, "-c", TREE_WHILE_STARTING, str(pid_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "forwarded to the launcher (no trainer has started)" in res.stderr
+
+    def alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    child, deadline = int(pid_file.read_text()), time.time() + 10
+    while alive(child) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)

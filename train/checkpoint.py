@@ -382,7 +382,7 @@ def _commit(
         store.fsync_dir(tmp / sub)
     store.write_file(tmp / META, (json.dumps(meta, indent=2, default=str) + "\n").encode())
     store.fsync_dir(tmp)
-    move_aside_other_branches(root, final, parent)
+    move_aside_other_branches(root, final.name, parent)  # moved at the run's start; this is a safety net
     os.rename(tmp, final)
     store.fsync_dir(root)
     return stats

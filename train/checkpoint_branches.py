@@ -1,9 +1,9 @@
 """Which checkpoint: the directories of a run, its branches, and the choice of what to resume.
 
 `<run_dir>/checkpoints/step_*` holds one *branch*, the chain of checkpoints (by `parent` in meta.json)
-that led to the newest save; other branches are moved to `checkpoints/abandoned/` by the first save
-that leaves them behind (`move_aside_other_branches`), and `prune` applies `keep_last` to the current
-branch only. `candidates` lists what `checkpoint.resume` may restore, newest first, skipping
+that the run continues; other branches are moved to `checkpoints/abandoned/` when a run starts that
+leaves them behind (a rollback, a fresh start: `move_aside_other_branches`), together with its logs
+(`train.callbacks.jsonl`), and `prune` applies `keep_last` to the current branch only. `candidates` lists what `checkpoint.resume` may restore, newest first, skipping
 checkpoints whose files are missing or of the wrong size (a stat per file).
 """
 
@@ -171,8 +171,11 @@ def ancestors(lineage: dict[str, tuple[Path, str | None]], parent: str | None) -
     return out
 
 
-def move_aside_other_branches(root: Path, final: Path, parent: str | None) -> None:
-    """Move every step directory that is not an ancestor of the new checkpoint to `abandoned/`."""
+def move_aside_other_branches(root: Path, label: str, parent: str | None) -> None:
+    """Move every step directory that is not `parent` or one of its ancestors to
+    `abandoned/<time>_<label>_from_<parent>/` (`label`: what continues `parent`, e.g. `restart`)."""
+    if not root.is_dir():
+        return
     known = lineage(root)
     keep = ancestors(known, parent)
     others = sorted((p for p in root.iterdir() if is_step_dir(p) and p not in keep), key=step_of)
@@ -180,12 +183,12 @@ def move_aside_other_branches(root: Path, final: Path, parent: str | None) -> No
         return
     origin = "scratch" if parent is None else known[parent][0].name if parent in known else parent
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    dest = _new_dir(root / ABANDONED, f"{stamp}_{final.name}_from_{origin}")
+    dest = _new_dir(root / ABANDONED, f"{stamp}_{label}_from_{origin}")
     for p in others:
         os.rename(p, dest / p.name)
     store.fsync_dir(dest)
     names = ", ".join(p.name for p in others)
-    print(f"checkpoints: {final.name} continues {origin}; the other branch ({names}) moved to {dest}")
+    print(f"checkpoints: this run continues {origin}; the other branch ({names}) moved to {dest}")
 
 
 def _new_dir(parent: Path, name: str) -> Path:

@@ -184,6 +184,9 @@ class Trainer:
             self.engine, self.model, self.cfg.checkpoint.resume, self.run_dir, self.comm
         )
         self.checkpoint_parent = None if restored is None else restored.id  # the next save continues it
+        if self.rank == 0:  # a rollback or a fresh start leaves the other branches now, as the logs do
+            root = checkpoint.checkpoint_root(self.run_dir)
+            checkpoint.move_aside_other_branches(root, "restart", self.checkpoint_parent)
         if restored is None:
             return
         ckpt, meta = restored.path, restored.meta

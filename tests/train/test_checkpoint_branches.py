@@ -52,7 +52,7 @@ def test_rollback_branches_and_keep_last(two_checkpoints, tmp_path):
     new4 = meta(root / "step_00000004")
     assert new4["id"] != old4["id"] and new4["parent"] == step2["id"]
     (branch,) = (root / checkpoint.ABANDONED).iterdir()
-    assert branch.name.endswith("_step_00000004_from_step_00000002")
+    assert branch.name.endswith("_restart_from_step_00000002")
     assert [p.name for p in branch.iterdir()] == ["step_00000004"]
     assert meta(branch / "step_00000004") == old4  # the abandoned branch stays, untouched and visible
 
@@ -60,10 +60,27 @@ def test_rollback_branches_and_keep_last(two_checkpoints, tmp_path):
     assert checkpoint.resolve_resume("auto", run) == root / "step_00000004"
     assert f"resumed from {root / 'step_00000002'} at step 2" in res.stdout
 
-    # resume=none in a used directory: a new branch from scratch, the old one moved aside at its first save
+    # resume=none in a used directory: a new branch from scratch, the old one moved aside as it starts
     train(run, "checkpoint.resume=none", "max_steps=1")
     assert names(run) == ["step_00000001"] and meta(root / "step_00000001")["parent"] is None
     assert len(list((root / checkpoint.ABANDONED).iterdir())) == 2
+
+
+def test_a_fresh_start_that_dies_before_saving_leaves_no_old_branch_to_resume(two_checkpoints, tmp_path):
+    """`resume=none` moves the old branch aside as it starts, as it moves the old metrics aside. Before,
+    the branch moved at the first save: a run that died before it left the old checkpoints in place,
+    and `resume=auto` continued them with the fresh run's records in metrics.jsonl."""
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    res = train(run, "checkpoint.resume=none", "max_steps=3", env={"FINEMOE_FAULT_KILL": "0:2"}, check=False)
+    assert res.returncode != 0  # killed as step 2 starts, before any save
+    assert names(run) == []
+    (branch,) = (run / "checkpoints" / checkpoint.ABANDONED).iterdir()
+    assert branch.name.endswith("_restart_from_scratch")
+    assert sorted(p.name for p in branch.iterdir()) == ["step_00000002", "step_00000004"]
+    train(run, "max_steps=2")  # resume=auto: nothing to resume, a fresh run again
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert meta(run / "checkpoints" / "step_00000002")["parent"] is None
 
 
 def test_damaged_checkpoints_fall_back_to_the_newest_valid_one(two_checkpoints, tmp_path):
@@ -124,7 +141,7 @@ def test_saving_between_two_old_checkpoints(tmp_path, keep_last, kept):
     fake_checkpoint(root, 100, "a", None)
     fake_checkpoint(root, 200, "b", "a")
     new = fake_checkpoint(tmp_path / "tmp", 150, "c", "a")  # as `_commit` has it, before the rename
-    checkpoint.move_aside_other_branches(root, root / new.name, "a")
+    checkpoint.move_aside_other_branches(root, new.name, "a")
     new.rename(root / new.name)
     checkpoint.prune(root, root / new.name, keep_last)
     assert names(tmp_path) == kept
@@ -152,7 +169,7 @@ def test_two_rollbacks_that_save_the_same_step_within_a_second_keep_both_branche
     fake_checkpoint(root, 200, "b", "a")
     for ckpt_id in ("b2", "b3"):
         new = fake_checkpoint(tmp_path / "tmp", 200, ckpt_id, "a")
-        checkpoint.move_aside_other_branches(root, root / new.name, "a")
+        checkpoint.move_aside_other_branches(root, new.name, "a")
         new.rename(root / new.name)
     assert meta(root / "step_00000200")["id"] == "b3"
     abandoned = sorted((root / checkpoint.ABANDONED).iterdir())

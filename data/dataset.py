@@ -80,12 +80,13 @@ def build_dataset(
     tokenizer: PreTrainedTokenizerFast,
     split: Split | str,
     untaken: Untaken | None = None,
-    hash_unstamped: bool = True,
+    hash_share: tuple[int, int] = (0, 1),
 ) -> PackedDataset:
     """Load (or tokenise) every source and pack the requested split.
 
-    A prepared directory without a valid stamp is hashed only where `hash_unstamped` (data-parallel
-    rank 0: `data.shards.PreparedDir.verify`); sizes are checked everywhere.
+    A prepared directory without a valid stamp is hashed: wholly by one process, or the `hash_share`
+    = (dp_rank, dp_world) of a data-parallel job (`data.shards.PreparedDir.verify`); sizes are
+    checked everywhere.
 
     Tokenising a source (without `prepared_dir`) yields both splits; pass the same `untaken` dict to
     the train and the eval call and each source is tokenised once: the other split waits there, handed
@@ -99,7 +100,7 @@ def build_dataset(
     cfg.validate()
     split = Split(split)
     stores = (
-        _prepared_stores(cfg, tokenizer, split, hash_unstamped)
+        _prepared_stores(cfg, tokenizer, split, hash_share)
         if cfg.prepared_dir
         else _tokenised_stores(cfg, tokenizer, split, {} if untaken is None else untaken)
     )
@@ -195,7 +196,7 @@ def _tokenised_stores(
 
 
 def _prepared_stores(
-    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split, hash_unstamped: bool
+    cfg: DataConfig, tokenizer: PreTrainedTokenizerFast, split: Split, hash_share: tuple[int, int]
 ) -> list[TokenStore]:
     assert cfg.prepared_dir is not None
     root = Path(cfg.prepared_dir).expanduser()
@@ -222,5 +223,5 @@ def _prepared_stores(
             "or use that fraction"
         )
     if cfg.verify_shards:
-        prepared.verify(hash_unstamped, Path(cfg.cache_dir).expanduser())
+        prepared.verify(hash_share, Path(cfg.cache_dir).expanduser())
     return [prepared.store(i, split.value) for i in range(len(sources))]

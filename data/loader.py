@@ -67,7 +67,7 @@ def build_loader(
         raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_world={dp_world})")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
-    dataset = build_dataset(cfg, tokenizer, split, untaken, hash_unstamped=dp_rank == 0)
+    dataset = build_dataset(cfg, tokenizer, split, untaken, hash_share=(dp_rank, dp_world))
     return PackedLoader(
         dataset,
         dp_rank=dp_rank,

@@ -14,10 +14,12 @@ Design choices:
   and an interrupted `data.prepare` resumes by truncating to its last recorded lengths.
 - Integrity is checked in two tiers. Sizes, always, at every open (a stat per file). Hashes once:
   `data.prepare` records each file's sha256 and writes the stamp. Where no valid stamp is found (the
-  directory was copied, a file was rewritten), data-parallel rank 0 alone hashes every file, under a
-  lock against other jobs where the file system has one, and writes the stamp: in the directory, or,
-  when it is read-only, under `<cache_dir>/verified/` (`DataConfig.verify_shards`). The other ranks
-  check sizes only: a 10 TB corpus is never read by every rank.
+  directory was copied, a file was rewritten), a single process hashes every file (under a lock
+  against other jobs, where the file system has flock) and writes the stamp: in the directory, or,
+  when it is read-only, under `<cache_dir>/verified/`. The ranks of a data-parallel job each hash
+  their 1/world share instead, at the same time (no rank waits in a collective for another's hours of
+  hashing, and a 10 TB corpus is read once, not once per rank); they write no stamp, since no rank
+  knows the others' results (`DataConfig.verify_shards`).
 - Shards are read with `os.pread` through one `FileHandles` per prepared directory and process,
   shared by every loader (train and eval): at most `max_open` descriptors, least recently used
   closed first, whatever the number of shards. Nothing is memory-mapped.
@@ -416,13 +418,15 @@ def stamp_valid(
     return False
 
 
-def verify_hashes(root: Path, index: dict[str, Any]) -> None:
-    """Hash every file and compare with the index.
+def verify_hashes(root: Path, index: dict[str, Any], share: tuple[int, int] = (0, 1)) -> None:
+    """Hash the files of `share` = (rank, world) (every world-th file of the index, from rank) and
+    compare with the index.
 
     Raises:
         ValueError: a corrupt file (named).
     """
-    for entry, _ in index_files(index):
+    rank, world = share
+    for entry, _ in list(index_files(index))[rank::world]:
         path = root / entry["file"]
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -466,17 +470,20 @@ class PreparedDir:
         """This process has done its part of the hash check (`verify`)."""
         self.dtype = np.dtype(self.index["dtype"])
 
-    def verify(self, hash_unstamped: bool, fallback_dir: Path | None = None) -> None:
-        """Check the hashes unless a valid stamp says they were checked, then stamp (under
-        `fallback_dir` if the directory is read-only). Only a caller with `hash_unstamped` (data-parallel
-        rank 0) hashes; the others rely on the sizes `check_sizes` checked.
+    def verify(self, share: tuple[int, int] = (0, 1), fallback_dir: Path | None = None) -> None:
+        """Check the hashes unless a valid stamp says they were checked. One process (`share` (0, 1))
+        hashes every file and stamps (under `fallback_dir` if the directory is read-only); rank r of a
+        data-parallel world w (`share` (r, w)) hashes its share only, and stamps nothing.
 
         Raises:
             ValueError: a corrupt file (named).
         """
-        if self.verified:
+        if self.verified or stamp_valid(self.root, fallback_dir, self.stats):
+            self.verified = True
             return
-        if hash_unstamped and not stamp_valid(self.root, fallback_dir, self.stats):
+        if share[1] > 1:
+            verify_hashes(self.root, self.index, share)
+        else:
             with _verify_lock(self.root):
                 if not stamp_valid(self.root, fallback_dir):  # another job may have stamped it meanwhile
                     verify_hashes(self.root, self.index)

@@ -182,15 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     return run_forwarding_sigterm(cmd, {**os.environ, **env})
 
 
-def _process_tree(root_pid: int) -> list[Any]:
-    """`root_pid` and every process below it (psutil processes), the deepest first."""
+def _launchers(root_pid: int) -> list[Any]:
+    """DeepSpeed's per-node launchers below `root_pid`, then `root_pid` itself (psutil processes)."""
     import psutil
 
     try:
         root = psutil.Process(root_pid)
-        return [*reversed(root.children(recursive=True)), root]
+        below = root.children(recursive=True)
     except psutil.Error:
         return []
+    launchers = []
+    for p in below:
+        with contextlib.suppress(psutil.Error):
+            if "deepspeed.launcher.launch" in p.cmdline():
+                launchers.append(p)
+    return [*launchers, root]
 
 
 def trainer_processes(root_pid: int) -> list[Any]:
@@ -215,9 +221,10 @@ def trainer_processes(root_pid: int) -> list[Any]:
 def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     """Run `cmd` (a DeepSpeed launcher); on SIGTERM, signal its trainers and keep waiting for it.
 
-    Before any trainer has started there is nothing to save: the launcher and every process under it
-    are terminated (DeepSpeed's single-node runner has no SIGTERM handler: signalled alone, it died
-    and left its per-node launcher to start the trainers unattended). The handler is installed before
+    Before any trainer has started there is nothing to save: DeepSpeed's per-node launchers under it
+    (their handler stops their children) and the launcher itself are terminated. The single-node runner
+    has no SIGTERM handler: signalled alone, it died and left its per-node launcher to start the
+    trainers unattended. pdsh and its ssh sessions are left to the multi-node runner's own handler. The handler is installed before
     the launcher starts: a SIGTERM that arrives while it is being started is forwarded as soon as it
     runs (before, the default action killed this process and orphaned the launcher).
     """
@@ -229,7 +236,7 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
             pending.append(signum)
             return
         trainers = trainer_processes(started[0].pid)
-        targets = trainers or _process_tree(started[0].pid)
+        targets = trainers or _launchers(started[0].pid)
         for p in targets:
             with contextlib.suppress(Exception):  # psutil.NoSuchProcess, OSError: it has exited already
                 p.send_signal(signum)

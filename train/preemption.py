@@ -39,6 +39,9 @@ def _record(signum: int, frame: FrameType | None) -> None:
 
 
 _fork = threading.local()  # the forking thread's signal mask, blocked across the fork
+_replaced: dict[
+    signal.Signals, Any
+] = {}  # what `listen` replaced (SIG_IGN under nohup): children get it back
 
 
 def _before_fork() -> None:
@@ -57,7 +60,7 @@ def _after_fork_in_child() -> None:
     before the reset, Python's handler would have caught it and then dropped it."""
     for s, default in _DEFAULTS.items():
         if signal.getsignal(s) is _record:
-            signal.signal(s, default)
+            signal.signal(s, _replaced.get(s, default))
     if getattr(_fork, "mask", None) is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, _fork.mask)
 
@@ -71,7 +74,11 @@ def listen(*signums: signal.Signals) -> dict[signal.Signals, Callable[..., Any] 
             before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
         )
     _listener_pid = os.getpid()
-    return {s: signal.signal(s, _record) for s in signums or (signal.SIGTERM,)}
+    previous = {s: signal.signal(s, _record) for s in signums or (signal.SIGTERM,)}
+    for s, handler in previous.items():
+        if handler is not _record and handler is not None:
+            _replaced[s] = handler
+    return previous
 
 
 def restore(previous: dict[signal.Signals, Callable[..., Any] | int | None]) -> None:

@@ -184,9 +184,6 @@ class Trainer:
             self.engine, self.model, self.cfg.checkpoint.resume, self.run_dir, self.comm
         )
         self.checkpoint_parent = None if restored is None else restored.id  # the next save continues it
-        if self.rank == 0:  # a rollback or a fresh start leaves the other branches now, as the logs do
-            root = checkpoint.checkpoint_root(self.run_dir)
-            checkpoint.move_aside_other_branches(root, "restart", self.checkpoint_parent)
         if restored is None:
             return
         ckpt, meta = restored.path, restored.meta
@@ -247,6 +244,19 @@ class Trainer:
         self.checkpoint_parent = saved.id
         return saved.path
 
+    def _leave_other_branches(self) -> None:
+        """A rollback or a fresh start moves the other branches aside now, as the logs do (`on_start`),
+        once the resume was accepted; rank 0 moves, and a failure stops every rank."""
+        error = None
+        if self.rank == 0:
+            try:
+                root = checkpoint.checkpoint_root(self.run_dir)
+                checkpoint.move_aside_other_branches(root, "restart", self.checkpoint_parent)
+            except OSError as e:
+                error = e
+        if self.comm.any(error is not None):
+            raise OSError(f"could not move the other checkpoint branches aside: {error or 'see rank 0'}")
+
     def _stop_signal(self) -> int | None:
         """The stop signal some rank received (`train.preemption`), the same on every rank (one
         all-reduce, every rank reaches it), or None."""
@@ -276,6 +286,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"stopped by signal {signum} before training; nothing new to save")
             return self._finish([], None, started=False)
+        self._leave_other_branches()
         resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
         for cb in self.callbacks:
             cb.on_start(self.run_dir, resolved, self.step)  # type: ignore[arg-type]

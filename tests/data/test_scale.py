@@ -111,13 +111,15 @@ def test_train_start_checks_sizes_only(tmp_path, cache_dir, tokenizer):
     assert build_both(copy) < corpus_bytes / 10  # stamped by that first check
 
 
-def test_only_rank_0_hashes_and_a_read_only_directory_is_stamped_in_the_cache(
+def test_ranks_hash_their_share_and_a_read_only_directory_is_stamped_in_the_cache(
     tmp_path, cache_dir, tokenizer, monkeypatch
 ):
     """A copy (new mtimes: no valid stamp) on a read-only file system without flock (a shared dataset
-    mount): other ranks check sizes only, rank 0 hashes once and stamps under `<cache_dir>/verified/`,
-    and the next start reads almost nothing. Before, every rank hashed the whole corpus at every
-    start (the stamp could not be written), and a file system without flock stopped training."""
+    mount). Each of 2 ranks hashes about half (at the same time: no rank waits in a collective for
+    another's hashing) and stamps nothing; one process hashes it all and stamps under
+    `<cache_dir>/verified/`, so the next start reads almost nothing. Before, every rank hashed the
+    whole corpus at every start (the stamp could not be written), and a file system without flock
+    stopped training."""
     import errno
     import fcntl
 
@@ -143,19 +145,24 @@ def test_only_rank_0_hashes_and_a_read_only_directory_is_stamped_in_the_cache(
     monkeypatch.setattr(fcntl, "flock", no_flock)
     copy = replace(cfg, prepared_dir=str(ro), cache_dir=str(tmp_path / "cache"))
 
-    def build(rank: int) -> int:
+    def build(rank: int, world: int) -> int:
+        """Bytes read to build a rank's train and eval loaders, alive together as in the trainer."""
         start = bytes_read()
-        build_loader(copy, tokenizer, "train", dp_rank=rank, dp_world=2)
-        build_loader(copy, tokenizer, "eval", dp_rank=rank, dp_world=2)
+        train = build_loader(copy, tokenizer, "train", dp_rank=rank, dp_world=world)
+        build_loader(copy, tokenizer, "eval", dp_rank=rank, dp_world=world)
+        del train
         return bytes_read() - start
 
-    assert build(1) < corpus_bytes / 10  # another rank: sizes only
-    assert build(0) >= corpus_bytes  # rank 0: hashed once
+    shares = [build(0, 2), build(1, 2)]
+    assert all(0.2 * corpus_bytes < b < 0.8 * corpus_bytes for b in shares), (shares, corpus_bytes)
+    assert sum(shares) < 1.2 * corpus_bytes  # together: about once
+    assert not (tmp_path / "cache" / "verified").exists()  # no rank knows the others' results
+    assert build(0, 1) >= corpus_bytes  # one process: all of it, then the stamp
     assert (ro / shards.STAMP).read_text() == (tmp_path / "p" / shards.STAMP).read_text()  # the stale copy
-    (stamp,) = (tmp_path / "cache" / "verified").iterdir()
-    assert build(0) < corpus_bytes / 10  # the next start: the stamp in the cache is valid
+    assert len(list((tmp_path / "cache" / "verified").iterdir())) == 1
+    assert build(1, 2) < corpus_bytes / 10  # the next start: the stamp in the cache is valid
     (ro / "source_000" / "train" / "tokens_00000.bin").touch()  # rewritten, as far as a stat can tell
-    assert build(0) >= corpus_bytes
+    assert build(0, 1) >= corpus_bytes
 
 
 DRIVER = """

@@ -260,15 +260,16 @@ def preempted_while_starting(cmd, env):
     os.kill(os.getpid(), signal.SIGTERM)
     return proc
 subprocess.Popen = preempted_while_starting
-# a runner without a SIGTERM handler that started a per-node launcher (here: a sleep), as DeepSpeed's does
-script = f"sleep 60 & echo $! > {sys.argv[1]}.tmp && mv {sys.argv[1]}.tmp {sys.argv[1]}; wait"
+# a runner without a SIGTERM handler that started a per-node launcher (here: a sleep named like one)
+launcher = "exec -a deepspeed.launcher.launch sleep 60"
+script = f"({launcher}) & echo $! > {sys.argv[1]}.tmp && mv {sys.argv[1]}.tmp {sys.argv[1]}; wait"
 print("launcher exit status", run.run_forwarding_sigterm(["bash", "-c", script], dict(os.environ)), flush=True)
 """
 
 
-def test_a_sigterm_before_any_trainer_ends_every_process_the_launcher_started(tmp_path):
-    """With no trainer yet, the whole tree under the launcher is terminated, not the launcher alone
-    (DeepSpeed's runner has no SIGTERM handler: it died and left its per-node launcher running)."""
+def test_a_sigterm_before_any_trainer_ends_the_per_node_launchers_too(tmp_path):
+    """With no trainer yet, the per-node launchers under the runner are terminated with it, not the
+    runner alone (DeepSpeed's runner has no SIGTERM handler: it died and left its launcher running)."""
     import psutil
 
     pid_file = tmp_path / "child.pid"

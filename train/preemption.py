@@ -29,19 +29,23 @@ _DEFAULTS: dict[signal.Signals, Callable[[int, FrameType | None], Any] | int] = 
 }
 
 
+_replaced: dict[signal.Signals, Any] = {}
+"""What `listen` replaced (SIG_IGN under nohup): a forked child gets it back."""
+_fork = threading.local()  # the forking thread's signal mask, blocked across the fork
+
+
+def _child_handler(s: signal.Signals) -> Any:
+    """The handler a forked child runs with instead of `_record`."""
+    return _replaced.get(s, _DEFAULTS[s])
+
+
 def _record(signum: int, frame: FrameType | None) -> None:
     global _received
     if os.getpid() != _listener_pid:  # a child forked without the hook (a fork outside Python's)
-        signal.signal(signum, _DEFAULTS.get(signal.Signals(signum), signal.SIG_DFL))
+        signal.signal(signum, _child_handler(signal.Signals(signum)))
         os.kill(os.getpid(), signum)
         return
     _received = signum
-
-
-_fork = threading.local()  # the forking thread's signal mask, blocked across the fork
-_replaced: dict[
-    signal.Signals, Any
-] = {}  # what `listen` replaced (SIG_IGN under nohup): children get it back
 
 
 def _before_fork() -> None:
@@ -50,6 +54,7 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_parent() -> None:
+    """The forking thread's mask as it was before the fork."""
     if getattr(_fork, "mask", None) is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, _fork.mask)
 
@@ -58,11 +63,10 @@ def _after_fork_in_child() -> None:
     """The default actions back, then the signals unblocked: one that arrived since the fork (the
     parent terminating a pool it just made) was held by the kernel and now acts by default. Unblocked
     before the reset, Python's handler would have caught it and then dropped it."""
-    for s, default in _DEFAULTS.items():
+    for s in _DEFAULTS:
         if signal.getsignal(s) is _record:
-            signal.signal(s, _replaced.get(s, default))
-    if getattr(_fork, "mask", None) is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, _fork.mask)
+            signal.signal(s, _child_handler(s))
+    _after_fork_in_parent()  # the same mask back, now in the child
 
 
 def listen(*signums: signal.Signals) -> dict[signal.Signals, Callable[..., Any] | int | None]:

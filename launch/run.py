@@ -182,39 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     return run_forwarding_sigterm(cmd, {**os.environ, **env})
 
 
-def _launchers(root_pid: int) -> list[Any]:
-    """DeepSpeed's per-node launchers below `root_pid`, then `root_pid` itself (psutil processes)."""
+def _launchers(root_pid: int) -> tuple[Any, list[Any]]:
+    """`root_pid` and DeepSpeed's per-node launchers below it (psutil processes; None, [] if gone)."""
     import psutil
 
     try:
         root = psutil.Process(root_pid)
         below = root.children(recursive=True)
     except psutil.Error:
-        return []
+        return None, []
     launchers = []
-    for p in below:
+    for p in [root, *below]:
         with contextlib.suppress(psutil.Error):
             if "deepspeed.launcher.launch" in p.cmdline():
                 launchers.append(p)
-    return [*launchers, root]
+    return root, launchers
 
 
-def trainer_processes(root_pid: int) -> list[Any]:
-    """The trainers under `root_pid`: the children of every DeepSpeed per-node launcher below it."""
+def _children(launchers: list[Any]) -> list[Any]:
+    """The trainers: the children of DeepSpeed's per-node launchers."""
     import psutil
 
-    try:
-        root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
     trainers = []
-    for p in procs:
-        try:
-            if "deepspeed.launcher.launch" in p.cmdline():
-                trainers += p.children()
-        except psutil.Error:
-            continue
+    for launcher in launchers:
+        with contextlib.suppress(psutil.Error):
+            trainers += launcher.children()
     return trainers
 
 
@@ -224,9 +216,11 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
     Before any trainer has started there is nothing to save: DeepSpeed's per-node launchers under it
     (their handler stops their children) and the launcher itself are terminated. The single-node runner
     has no SIGTERM handler: signalled alone, it died and left its per-node launcher to start the
-    trainers unattended. pdsh and its ssh sessions are left to the multi-node runner's own handler. The handler is installed before
-    the launcher starts: a SIGTERM that arrives while it is being started is forwarded as soon as it
-    runs (before, the default action killed this process and orphaned the launcher).
+    trainers unattended. pdsh and its ssh sessions are left to the multi-node runner's own handler.
+
+    The handler is installed before the launcher starts: a SIGTERM that arrives while it is being
+    started is forwarded as soon as it runs (before, the default action killed this process and
+    orphaned the launcher).
     """
     started: list[subprocess.Popen] = []
     pending: list[int] = []
@@ -235,8 +229,9 @@ def run_forwarding_sigterm(cmd: list[str], env: dict[str, str]) -> int:
         if not started:
             pending.append(signum)
             return
-        trainers = trainer_processes(started[0].pid)
-        targets = trainers or _launchers(started[0].pid)
+        root, launchers = _launchers(started[0].pid)
+        trainers = _children(launchers)
+        targets = trainers or [*launchers, *([root] if root is not None and root not in launchers else [])]
         for p in targets:
             with contextlib.suppress(Exception):  # psutil.NoSuchProcess, OSError: it has exited already
                 p.send_signal(signum)

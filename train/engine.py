@@ -347,9 +347,14 @@ def skip_optimizer_step(engine: Any, skip: bool) -> Iterator[None]:
         yield
     finally:
         opt.step = original  # type: ignore[method-assign]
-        engine.lr_scheduler.last_epoch = last_epoch
-        for group, lr in zip(opt.param_groups, engine.lr_scheduler.get_lr()):
-            group["lr"] = lr
+        set_schedule_position(engine, last_epoch)
+
+
+def set_schedule_position(engine: Any, steps: int) -> None:
+    """Put the LR schedule at `steps` applied updates, and the optimizer's LR where it says."""
+    engine.lr_scheduler.last_epoch = steps
+    for group, lr in zip(_torch_optimizer(engine).param_groups, engine.lr_scheduler.get_lr()):
+        group["lr"] = lr
 
 
 # ---- per-parameter state (checkpoints) ------------------------------------------------------------

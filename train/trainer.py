@@ -192,9 +192,7 @@ class Trainer:
         self.loader.load_state_dict(meta["loader"])
         self.skipped_steps = int(meta.get("skipped_steps", 0))
         # a skipped update does not advance the schedule (`ds.skip_optimizer_step`, DeepSpeed's own skips)
-        self.engine.lr_scheduler.last_epoch = int(meta.get("lr_steps", self.step - self.skipped_steps))
-        for group, lr in zip(self.engine.optimizer.param_groups, self.engine.lr_scheduler.get_lr()):
-            group["lr"] = lr
+        ds.set_schedule_position(self.engine, int(meta.get("lr_steps", self.step - self.skipped_steps)))
         if self.rank == 0:
             print(f"resumed from {ckpt} at step {self.step}")
             if changed:

@@ -364,13 +364,11 @@ def check_sizes(root: Path, index: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def _stamp_content(root: Path, stats: dict[str, list[int]] | None = None) -> dict[str, Any]:
-    """The index's hash and every file's `[size, mtime_ns]` (`stats` from `check_sizes`, or a stat now)."""
+    """The index's hash and every file's `[size, mtime_ns]` (`stats` from `check_sizes`, or its
+    check now: a missing or wrongly sized file raises)."""
     index_bytes = (root / INDEX).read_bytes()
     if stats is None:
-        stats = {
-            entry["file"]: [(st := (root / entry["file"]).stat()).st_size, st.st_mtime_ns]
-            for entry, _ in index_files(json.loads(index_bytes))
-        }
+        stats = check_sizes(root, json.loads(index_bytes))
     return {"index_sha256": hashlib.sha256(index_bytes).hexdigest(), "files": stats}
 
 

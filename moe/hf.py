@@ -354,8 +354,9 @@ def publish_dir(tmp_dir: Path, out_dir: Path) -> None:
         os.replace(tmp_dir, out_dir)
 
 
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
-    """Refuse an output that cannot become a checkpoint directory, before any work is done.
+def check_output_dir(out_dir: str | Path, overwrite: bool, overwrite_key: str = "overwrite") -> None:
+    """Refuse an output that cannot become a checkpoint directory, before any work is done
+    (`overwrite_key`: the option the message names).
 
     Raises:
         ValueError: `out_dir` (or a parent) is not a directory, or is a non-empty one without `overwrite`.
@@ -371,7 +372,9 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
     if not out_dir.is_dir():
         raise ValueError(f"output {out_dir} exists and is not a directory")
     if any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {out_dir} exists and is not empty (set overwrite=true)")
+        raise ValueError(
+            f"output directory {out_dir} exists and is not empty (set {overwrite_key}=true to replace it)"
+        )
 
 
 class ShardedWriter:

@@ -27,6 +27,7 @@ from moe.config import MOE_FIELDS, ModelConfig
 from moe.experts import check_grouped_mm_alignment
 from moe.hf import (
     CheckpointReader,
+    check_output_dir,
     dtype_name,
     empty_shared_expert,
     expected_hf_shapes,
@@ -347,15 +348,9 @@ def make_plan(
             )
     source_dtype = _SAFETENSORS_DTYPES[dtypes[ffn_key]]
     dtype = source_dtype if cfg.dtype == "source" else parse_dtype(cfg.dtype)
-    if output.exists():
-        if not output.is_dir():
-            raise ValueError(f"output {output} exists and is not a directory")
-        if output.resolve() == source.resolve():
-            raise ValueError(f"output {output} is the source directory; choose a new directory")
-        if any(output.iterdir()) and not cfg.overwrite:
-            raise ValueError(
-                f"output directory {output} is not empty (set upcycle.overwrite=true to replace it)"
-            )
+    if output.exists() and output.resolve() == source.resolve():
+        raise ValueError(f"output {output} is the source directory; choose a new directory")
+    check_output_dir(output, cfg.overwrite, "upcycle.overwrite")
     summary = get_strategy(cfg.strategy).summary(moe, dense, cfg)
     source_context = (
         dense.max_position_embeddings,

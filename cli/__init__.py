@@ -20,9 +20,12 @@ Design choices:
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn, TypeVar
@@ -101,6 +104,27 @@ def message(e: BaseException) -> str:
         key = key or getattr(cause, "full_key", None)
     text = lines[0] + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
     return f"{key}: {text}" if key and key not in text else text
+
+
+def exit_without_finalizing() -> NoReturn:
+    """Exit 0 as a normal exit would, less the interpreter's finalization (after a command's clean end).
+
+    A normal exit joins the non-daemon threads, runs the exit handlers, then finalizes the interpreter,
+    which destroys what is left. Process groups that something still references (DeepSpeed's group
+    registry, an engine: the expert and data-parallel groups) are destroyed only then, since
+    `destroy_process_group` stops the unreferenced ones alone. A gloo thread that then needs the GIL
+    (to release a finished collective's tensors, to run a future's callback) finds the interpreter
+    finalizing and aborts the process: "terminate called without an active exception", status -6,
+    after a run that had finished (pytorch/pytorch#190489; it failed a CI run). Here the first two
+    steps run as exit runs them (the group's own destroy among the handlers), stdout and stderr are
+    flushed, and `os._exit(0)` ends the process before finalization.
+    """
+    threading._shutdown()  # type: ignore[attr-defined]  # what exit does first: join non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing can reach it
+            stream.flush()
+    os._exit(0)
 
 
 def fail(prog: str, msg: str) -> NoReturn:

@@ -15,7 +15,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from cli import hydra_main, user_errors
+from cli import exit_without_finalizing, hydra_main, user_errors
 from train import preemption
 
 PROG = "finemoe-train"
@@ -64,6 +64,15 @@ def groups_help() -> str:
 
 
 def main() -> None:
+    """The console script and `python -m train`: `run()`, then the process ends without interpreter
+    finalization, where gloo's threads can abort a finished run (`cli.exit_without_finalizing`). A
+    refused or failed run raises out of `run()` and exits as usual, with its error status."""
+    run()
+    exit_without_finalizing()
+
+
+def run() -> None:
+    """The command, in process (a test, a notebook): returns when the run (every job of a sweep) is done."""
     previous = preemption.listen()  # first: a SIGTERM while the run is built stops it cleanly, not at once
     try:
         _main()

@@ -83,12 +83,15 @@ finished_cleanly = False
 
 
 def _destroy_process_group_at_exit() -> None:
-    """After a run that ended normally, destroy the process group while the interpreter is whole.
+    """After a run that ended normally, destroy the process groups while the interpreter is whole.
 
-    Left to interpreter finalization, gloo's worker threads may still hold work objects with tensors
-    whose release needs the GIL (pytorch/pytorch#190489: the process aborts), and NCCL warns. The
-    teardown waits for pending work of the group, so after a failure, when a peer may never take part
-    again, it is skipped: the process exits at once and the launcher sees it.
+    NCCL then finishes pending operations and does not warn. This stops only the groups nothing else
+    references: the expert and data-parallel groups that DeepSpeed's registry and the engine hold live
+    on until interpreter finalization, where their gloo threads can abort the process
+    (pytorch/pytorch#190489); the commands therefore end with `cli.exit_without_finalizing`, which
+    runs this handler first. The teardown waits for pending work of the group, so after a failure,
+    when a peer may never take part again, it is skipped: the process exits at once and the launcher
+    sees it.
     """
     if dist.is_initialized() and finished_cleanly:
         dist.destroy_process_group()

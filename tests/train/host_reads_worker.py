@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from cli import exit_without_finalizing
 from moe.model import Qwen2MoEForCausalLM
 from tests.train.ep_worker import global_batch, tiny_moe
 from train import engine as ds
@@ -81,3 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing()  # the process groups must not meet interpreter finalization

@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from cli import exit_without_finalizing
+
 PROBE_SEED = 1234
 
 
@@ -51,3 +53,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_without_finalizing()  # the process groups must not meet interpreter finalization

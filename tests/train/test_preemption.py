@@ -54,13 +54,13 @@ def test_forked_pool_workers_still_die_of_sigterm(probe):
 
 
 def test_the_cli_gives_an_in_process_caller_its_handler_back(monkeypatch, capsys):
-    """`train.__main__.main` listens from its first line; when it returns (here: refused input, exit 2)
+    """`train.__main__.run` listens from its first line; when it returns (here: refused input, exit 2)
     the caller's SIGTERM handler is back, so a test process or a notebook is not left ignoring it."""
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(sys, "argv", ["train", "optim.lr=-1"])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module("train.__main__").main()
+        importlib.import_module("train.__main__").run()
     assert exc.value.code == 2 and "optim.lr" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
 

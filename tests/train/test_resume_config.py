@@ -48,7 +48,7 @@ def test_another_model_is_refused_naming_the_fields(paused, monkeypatch, capsys)
     monkeypatch.setattr(sys, "argv", ["train", *argv])
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module("train.__main__").main()
+        importlib.import_module("train.__main__").run()
     assert exc.value.code == 2
     err = capsys.readouterr().err
     ckpt = paused / "checkpoints" / "step_00000002"
@@ -70,7 +70,7 @@ def test_another_sample_sequence_is_refused_before_anything_is_built(paused, mon
     built = []
     monkeypatch.setattr("train.trainer.build_model", lambda *a, **k: built.append(1))
     with pytest.raises(SystemExit) as exc:
-        importlib.import_module("train.__main__").main()
+        importlib.import_module("train.__main__").run()
     assert exc.value.code == 2 and not built
     ckpt = paused / "checkpoints" / "step_00000002"
     assert capsys.readouterr().err.startswith(

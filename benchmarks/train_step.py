@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before benchmarks/, whose data.py
 # would shadow the data package (train.comm -> train.config -> data.config)
 
-from cli import exit_without_finalizing  # noqa: E402
+from cli import run_without_finalizing  # noqa: E402
 from moe.config import ModelConfig  # noqa: E402
 from moe.model import Qwen2MoEForCausalLM  # noqa: E402
 from train import engine as ds  # noqa: E402
@@ -193,5 +193,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    exit_without_finalizing()  # the process groups must not meet interpreter finalization
+    run_without_finalizing(main)  # the process groups must not meet interpreter finalization

@@ -106,8 +106,24 @@ def message(e: BaseException) -> str:
     return f"{key}: {text}" if key and key not in text else text
 
 
-def exit_without_finalizing() -> NoReturn:
-    """Exit 0 as a normal exit would, less the interpreter's finalization (after a command's clean end).
+def run_without_finalizing(main: Callable[[], object]) -> NoReturn:
+    """Call `main` and end the process with the status an uncaught end would give: 0; a `SystemExit`'s
+    code (`--help`, a refused input's 2); 1 after an exception's traceback. KeyboardInterrupt is left to
+    the interpreter, which reports it by the signal. See `exit_without_finalizing` for why."""
+    try:
+        main()
+    except SystemExit as e:
+        status = e.code
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+        status = 1
+    else:
+        status = 0
+    exit_without_finalizing(status)
+
+
+def exit_without_finalizing(status: int | str | None = 0) -> NoReturn:
+    """End the process as `sys.exit(status)` would, less the interpreter's finalization.
 
     A normal exit joins the non-daemon threads, runs the exit handlers, then finalizes the interpreter,
     which destroys what is left. Process groups that something still references (DeepSpeed's group
@@ -116,15 +132,21 @@ def exit_without_finalizing() -> NoReturn:
     (to release a finished collective's tensors, to run a future's callback) finds the interpreter
     finalizing and aborts the process: "terminate called without an active exception", status -6,
     after a run that had finished (pytorch/pytorch#190489; it failed a CI run). Here the first two
-    steps run as exit runs them (the group's own destroy among the handlers), stdout and stderr are
-    flushed, and `os._exit(0)` ends the process before finalization.
+    steps run as exit runs them (train.engine's destroy of the groups among the handlers), stdout and
+    stderr are flushed, and `os._exit` ends the process before finalization. `status` is read as
+    `SystemExit` reads it: None is 0, a string is printed on stderr and gives 1.
     """
+    if status is None:
+        status = 0
+    elif not isinstance(status, int):
+        print(status, file=sys.stderr)
+        status = 1
     threading._shutdown()  # type: ignore[attr-defined]  # what exit does first: join non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing can reach it
             stream.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 def fail(prog: str, msg: str) -> NoReturn:

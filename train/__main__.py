@@ -15,7 +15,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from cli import exit_without_finalizing, hydra_main, user_errors
+from cli import hydra_main, run_without_finalizing, user_errors
 from train import preemption
 
 PROG = "finemoe-train"
@@ -64,11 +64,10 @@ def groups_help() -> str:
 
 
 def main() -> None:
-    """The console script and `python -m train`: `run()`, then the process ends without interpreter
-    finalization, where gloo's threads can abort a finished run (`cli.exit_without_finalizing`). A
-    refused or failed run raises out of `run()` and exits as usual, with its error status."""
-    run()
-    exit_without_finalizing()
+    """The console script and `python -m train`: `run()`, then the process ends with its status but
+    without interpreter finalization, where gloo's threads can abort a finished run
+    (`cli.run_without_finalizing`)."""
+    run_without_finalizing(run)
 
 
 def run() -> None:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_optimizer_state
 
-from cli import exit_without_finalizing
+from cli import run_without_finalizing
 from moe.config import ModelConfig
 from moe.model import Qwen2MoEForCausalLM
 from train import engine as ds
@@ -310,5 +310,4 @@ def _gathered_grads(model, group, ep_size) -> dict[str, torch.Tensor]:
 
 
 if __name__ == "__main__":
-    main()
-    exit_without_finalizing()  # the process groups must not meet interpreter finalization
+    run_without_finalizing(main)  # the process groups must not meet interpreter finalization

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from cli import exit_without_finalizing
+from cli import run_without_finalizing
 from moe.model import Qwen2MoEForCausalLM
 from tests.train.ep_worker import global_batch, tiny_moe
 from train import engine as ds
@@ -81,5 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    exit_without_finalizing()  # the process groups must not meet interpreter finalization
+    run_without_finalizing(main)  # the process groups must not meet interpreter finalization

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from cli import exit_without_finalizing
+from cli import run_without_finalizing
 
 PROBE_SEED = 1234
 
@@ -52,5 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    exit_without_finalizing()  # the process groups must not meet interpreter finalization
+    run_without_finalizing(main)  # the process groups must not meet interpreter finalization

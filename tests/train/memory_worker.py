@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cli import exit_without_finalizing
+from cli import run_without_finalizing
 from moe.config import ExpertBackend, ModelConfig
 from moe.model import Qwen2MoEForCausalLM
 from train import engine as ds
@@ -250,5 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
-    exit_without_finalizing()  # the process groups must not meet interpreter finalization
+    run_without_finalizing(main)  # the process groups must not meet interpreter finalization

@@ -200,23 +200,28 @@ def run():
     atexit.register(lambda: print("exit handlers ran"))
     dist.destroy_process_group()  # what train.engine's exit handler does after a clean run
     print("run done")  # buffered: reaches the pipe only if the exit flushes
+    if sys.argv[1] == "refused":
+        raise SystemExit(2)  # cli.fail, on bad input found once the group exists
+    if sys.argv[1] == "failed":
+        raise RuntimeError("a bug")
 
-if sys.argv[1] == "train":
+if sys.argv[1] == "plain":
+    run()
+else:
     import train.__main__ as cmd
     cmd.run = run
     cmd.main()
-else:
-    run()
 """
 
 
-def test_a_finished_command_exits_0_though_a_gloo_thread_still_needs_the_gil():
-    """`python -m train` ends with `cli.exit_without_finalizing`: a gloo thread that needs the GIL after
-    the run (here a future's callback; in CI, the release of a finished collective's tensors) no longer
-    meets interpreter finalization, which aborted a finished 2-rank run ("terminate called without an
-    active exception", rank 1 exit -6). `destroy_process_group` does not help while the group is
-    referenced. The exit handlers still run and the output is flushed. The plain exit is the control:
-    it must abort, or the probe no longer reproduces the hazard (pytorch/pytorch#190489 fixed?)."""
+def test_a_command_ends_with_its_status_though_a_gloo_thread_still_needs_the_gil():
+    """`python -m train` ends through `cli.run_without_finalizing`: a gloo thread that needs the GIL
+    after the run (here a future's callback; in CI, the release of a finished collective's tensors) no
+    longer meets interpreter finalization, which aborted a finished 2-rank run ("terminate called
+    without an active exception", rank 1 exit -6). `destroy_process_group` does not help while the
+    group is referenced. A clean end gives 0, a refused input 2, a bug 1 with its traceback; the exit
+    handlers run and the output is flushed. The plain exit is the control: it must abort, or the probe
+    no longer reproduces the hazard (pytorch/pytorch#190489 fixed?)."""
     import os
     import subprocess
     import sys
@@ -227,10 +232,12 @@ def test_a_finished_command_exits_0_though_a_gloo_thread_still_needs_the_gil():
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(var, None)
     runs = {}
-    for how in ("plain", "train"):
+    for how in ("plain", "clean", "refused", "failed"):
         cmd = [sys.executable, "-c", HAZARD, how, str(free_port())]
         runs[how] = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert runs["plain"].returncode != 0, "the control exited cleanly: the probe shows no hazard"
-    ended = runs["train"]
-    assert ended.returncode == 0, ended.stderr[-2000:]
-    assert ended.stdout.splitlines() == ["run done", "exit handlers ran"]
+    for how, status in (("clean", 0), ("refused", 2), ("failed", 1)):
+        assert runs[how].returncode == status, (how, runs[how].stderr[-2000:])
+        assert runs[how].stdout.splitlines() == ["run done", "exit handlers ran"], how
+    assert runs["failed"].stderr.rstrip().endswith("RuntimeError: a bug")
+    assert "Traceback (most recent call last)" in runs["failed"].stderr

@@ -64,15 +64,18 @@ def groups_help() -> str:
 
 
 def main() -> None:
-    """The console script and `python -m train`: `run()`, then the process ends with its status but
-    without interpreter finalization, where gloo's threads can abort a finished run
-    (`cli.run_without_finalizing`)."""
-    run_without_finalizing(run)
+    """The console script and `python -m train`. Stop signals are recorded from the first line to the
+    process's end: one received while the run is built stops it cleanly, not at once, and the SIGTERM
+    a launcher sends when another rank failed cannot cut this rank's own traceback short. The process
+    ends with its status but without interpreter finalization, where gloo's threads can abort a
+    finished run (`cli.run_without_finalizing`)."""
+    preemption.listen()
+    run_without_finalizing(_main)
 
 
 def run() -> None:
     """The command, in process (a test, a notebook): returns when the run (every job of a sweep) is done."""
-    previous = preemption.listen()  # first: a SIGTERM while the run is built stops it cleanly, not at once
+    previous = preemption.listen()  # first, as in `main`
     try:
         _main()
     finally:  # an in-process caller (a test, a notebook) gets its own handler back

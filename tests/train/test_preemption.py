@@ -84,3 +84,32 @@ def test_a_ctrl_c_stops_one_run_and_a_sigterm_every_later_one(monkeypatch):
         assert preemption.received() == signal.SIGTERM
     finally:
         preemption.restore(previous)
+
+
+FAILING_RANK = """
+import os, signal, sys
+import train.__main__ as cmd
+
+def _main():
+    raise RuntimeError("the write failed")  # a rank's own error, reported by its traceback
+
+def excepthook(*exc):  # the launcher's SIGTERM (another rank failed first) lands while this one reports
+    os.kill(os.getpid(), signal.SIGTERM)
+    sys.__excepthook__(*exc)
+
+sys.excepthook = excepthook
+cmd._main = _main
+cmd.main()
+"""
+
+
+def test_a_failed_rank_reports_its_error_though_the_launcher_sends_sigterm_meanwhile():
+    """When one rank fails, DeepSpeed's launcher sends SIGTERM to the others, which may be failing too
+    (a full disk on every rank). `python -m train` records SIGTERM to the process's end, so such a rank
+    still prints its traceback and exits 1. Before, the handler was restored to the default before the
+    traceback was printed, and the rank died of the signal with its error unsaid."""
+    res = subprocess.run(
+        [sys.executable, "-c", FAILING_RANK], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert res.stderr.rstrip().endswith("RuntimeError: the write failed")

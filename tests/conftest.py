@@ -23,7 +23,9 @@ def pytest_configure(config):
     # 20000-32000: a port picked by one worker's launch is never picked by the other's meanwhile
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is not None:
-        index, count = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        # a crashed worker's replacement (gw<count>, ...) stays in 20000-32000, below the ephemeral ports
+        index = int(worker.removeprefix("gw")) % count
         span = 12000 // count
         os.environ["FINEMOE_PORTS"] = f"{20000 + index * span}-{20000 + (index + 1) * span}"
     config.addinivalue_line(

@@ -250,13 +250,17 @@ def test_slurm_template_passes_each_override_to_launch_run_unchanged(tmp_path):
 
 
 TREE_WHILE_STARTING = """
-import os, signal, subprocess, sys
+import os, signal, subprocess, sys, time
+import psutil
 from launch import run
 real = subprocess.Popen
 def preempted_while_starting(cmd, env):
     proc = real(cmd, env=env)
-    while not os.path.exists(sys.argv[1]):  # the child launcher has started
-        pass
+    while not os.path.exists(sys.argv[1]):  # the child launcher has been forked
+        time.sleep(0.01)
+    child = psutil.Process(int(open(sys.argv[1]).read()))
+    while "deepspeed.launcher.launch" not in child.cmdline():  # and has exec'd: it is one now
+        time.sleep(0.01)
     os.kill(os.getpid(), signal.SIGTERM)
     return proc
 subprocess.Popen = preempted_while_starting

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +44,34 @@ def module_cmd(
     return [sys.executable, *launcher, "--module", module, *args]
 
 
+def run_tree(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)`, except that a timeout kills the
+    whole process tree, the launcher's trainers too (not the runner alone): a hung launch must not
+    load the machine for the tests after it."""
+    with subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def train(
     run_dir: Path, *overrides: str, procs: int = 1, env: dict | None = None, check: bool = True
 ) -> subprocess.CompletedProcess:
     cmd = module_cmd("train", *TINY, f"run_dir={run_dir}", *overrides, procs=procs)
     full_env = dict(os.environ, **CPU_ENV, **(env or {}))
-    res = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)
+    res = run_tree(cmd, full_env, timeout=600)
     if check:
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res

@@ -222,7 +222,7 @@ if sys.argv[1] == "plain":
     run()
 else:
     import train.__main__ as cmd
-    cmd.run = run
+    cmd._main = run
     cmd.main()
 """
 

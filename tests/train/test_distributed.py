@@ -10,7 +10,6 @@ This proves the collectives under gloo only; NCCL is exercised by `benchmarks/gp
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 
 from moe.model import Qwen2MoEForCausalLM
 from tests.train.ep_worker import EMPTY_RANK_STEP, SKEW_STEP, global_batch, tiny_moe
-from tests.train.runner import CPU_ENV, free_port, module_cmd
+from tests.train.runner import CPU_ENV, free_port, module_cmd, run_tree
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -31,7 +30,7 @@ def run_worker(tmp: Path, procs: int, **runs: str) -> dict[str, dict]:
     port = free_port()
     args = [str(out), *(f"{name}={args}" for name, args in runs.items())]
     cmd = module_cmd("tests.train.ep_worker", *args, procs=procs, port=port, local_rank_arg=False)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = run_tree(cmd, env, timeout=900)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     # DeepSpeed's CPU shared-memory workspace must not outlive the run (train.engine unlinks it)
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 from tests.train.live_worker import probe_ids
-from tests.train.runner import CPU_ENV, ROOT, TINY, losses, module_cmd, train
+from tests.train.runner import CPU_ENV, TINY, losses, module_cmd, run_tree, train
 from train import checkpoint
 from train.export import export
 
@@ -24,7 +23,7 @@ def train_live(run, *overrides: str, procs: int = 1) -> torch.Tensor:
     args = [str(out), *TINY, f"run_dir={run}", *overrides]
     cmd = module_cmd("tests.train.live_worker", *args, procs=procs, local_rank_arg=False)
     env = dict(os.environ, **CPU_ENV)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = run_tree(cmd, env, timeout=600)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

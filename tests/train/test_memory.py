@@ -317,12 +317,12 @@ COMPARED = ("weights", "gradients", "master", "optimizer", "reduce_buffers")
 @pytest.mark.slow
 def test_plan_matches_engine_two_processes(tmp_path):
     from tests.train.memory_worker import MICRO_BATCH, SEQ, model_config
-    from tests.train.runner import CPU_ENV, module_cmd
+    from tests.train.runner import CPU_ENV, module_cmd, run_tree
 
     out = tmp_path / "memory.json"
     cmd = module_cmd("tests.train.memory_worker", str(out), *ENGINE_CONFIGS, procs=2, local_rank_arg=False)
     env = dict(os.environ, **CPU_ENV)
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_tree(cmd, env, timeout=300)
     assert res.returncode == 0 and out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     cfg = model_config()
     rows = []

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
 
 import pytest
 
-from tests.train.runner import CPU_ENV, ROOT, TINY, metrics, module_cmd, train
+from tests.train.runner import CPU_ENV, TINY, metrics, module_cmd, run_tree, train
 from train import checkpoint
 
 pytestmark = pytest.mark.slow
@@ -44,7 +43,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_resume_is_exact(tmp_path, straight
 
     cmd = module_cmd("train", *TINY, f"run_dir={run}", *COMMON, "parallel=ep2", procs=2)
     env = dict(os.environ, **CPU_ENV, FINEMOE_FAULT_KILL="1:3")
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = run_tree(cmd, env, timeout=300)
     # timed from the last change to checkpoints/ (step 2's rename, just before rank 1 dies), not from
     # the launch: start-up time depends on the machine's load, the teardown is what is tested
     since_kill = time.time() - (run / "checkpoints").stat().st_mtime

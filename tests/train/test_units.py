@@ -114,10 +114,11 @@ def test_free_port_draws_from_the_configured_range(monkeypatch):
 
     from train import engine
 
-    monkeypatch.setenv(engine.PORTS, "41000-41004")
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 41002))  # in use: never handed out
-        assert {engine.free_port() for _ in range(40)} <= {41000, 41001, 41003}
-        monkeypatch.setenv(engine.PORTS, "41002-41003")
-        with pytest.raises(RuntimeError, match="no free TCP port in 41002-41003"):
+        taken.bind(("127.0.0.1", 0))  # in use: never handed out (the OS picks it: no one else holds it)
+        port = taken.getsockname()[1]
+        monkeypatch.setenv(engine.PORTS, f"{port - 2}-{port + 2}")
+        assert {engine.free_port() for _ in range(40)} <= {port - 2, port - 1, port + 1}
+        monkeypatch.setenv(engine.PORTS, f"{port}-{port + 1}")
+        with pytest.raises(RuntimeError, match=f"no free TCP port in {port}-{port + 1}"):
             engine.free_port()

@@ -141,8 +141,12 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args)
-        return
+        try:  # the gloo groups must not meet interpreter finalization; a `--old-repo` may predate this
+            from cli import run_without_finalizing
+        except ImportError:
+            worker(args)
+            return
+        run_without_finalizing(lambda: worker(args))
     versions = [("after", str(REPO))] + ([("before", args.old_repo)] if args.old_repo else [])
     print(f"date: {time.strftime('%Y-%m-%d')}; {os.cpu_count()} CPUs; model preset {args.model}")
     print(f"command: python benchmarks/checkpoint.py {' '.join(sys.argv[1:])}".rstrip())

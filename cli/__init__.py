@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import functools
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -114,8 +116,12 @@ def run_without_finalizing(main: Callable[[], object]) -> NoReturn:
         main()
     except SystemExit as e:
         status = e.code
-    except Exception:
-        sys.excepthook(*sys.exc_info())
+    except Exception as e:
+        # kept for the end, as the interpreter keeps them: the failed run's objects are not torn down
+        sys.last_type, sys.last_value, sys.last_traceback = type(e), e, e.__traceback__
+        if sys.version_info >= (3, 12):
+            sys.last_exc = e
+        sys.excepthook(type(e), e, e.__traceback__)
         status = 1
     else:
         status = 0
@@ -131,22 +137,33 @@ def exit_without_finalizing(status: int | str | None = 0) -> NoReturn:
     `destroy_process_group` stops the unreferenced ones alone. A gloo thread that then needs the GIL
     (to release a finished collective's tensors, to run a future's callback) finds the interpreter
     finalizing and aborts the process: "terminate called without an active exception", status -6,
-    after a run that had finished (pytorch/pytorch#190489; it failed a CI run). Here the first two
-    steps run as exit runs them (train.engine's destroy of the groups among the handlers), stdout and
-    stderr are flushed, and `os._exit` ends the process before finalization. `status` is read as
-    `SystemExit` reads it: None is 0, a string is printed on stderr and gives 1.
+    after a run that had finished (pytorch/pytorch#190489; it failed a CI run).
+
+    Here the first two steps run as exit runs them (train.engine's destroy of the groups among the
+    handlers), Python's and C's buffered output is flushed (NCCL logs through C stdio), and `os._exit`
+    ends the process before finalization. SIGTERM gets its default action back first, so a step that
+    hangs can still be stopped. Under a profiler or debugger (`python -m cProfile`, `pdb`) the exit is
+    a normal one, so they can write their results. `status` is read as `SystemExit` reads it: None is 0,
+    a string is printed on stderr and gives 1.
     """
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        raise SystemExit(status)
     if status is None:
         status = 0
     elif not isinstance(status, int):
         print(status, file=sys.stderr)
         status = 1
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading._shutdown()  # type: ignore[attr-defined]  # what exit does first: join non-daemon threads
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing can reach it
-            stream.flush()
-    os._exit(status)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:  # None: started with the descriptor closed
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe or stream: nothing can reach it
+                stream.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+    os._exit(status & 0xFF)
 
 
 def fail(prog: str, msg: str) -> NoReturn:

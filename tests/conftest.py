@@ -23,10 +23,11 @@ def pytest_configure(config):
     # 20000-32000: a port picked by one worker's launch is never picked by the other's meanwhile
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if worker is not None:
-        count = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-        # a crashed worker's replacement (gw<count>, ...) stays in 20000-32000, below the ephemeral ports
-        index = int(worker.removeprefix("gw")) % count
-        span = 12000 // count
+        # twice as many slices as workers: a crashed worker's replacement (gw<count>, ...) takes a spare
+        # one, not a live worker's, and stays below the ephemeral ports
+        slices = 2 * int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        index = int(worker.removeprefix("gw")) % slices
+        span = 12000 // slices
         os.environ["FINEMOE_PORTS"] = f"{20000 + index * span}-{20000 + (index + 1) * span}"
     config.addinivalue_line(
         "markers",

@@ -64,11 +64,11 @@ def groups_help() -> str:
 
 
 def main() -> None:
-    """The console script and `python -m train`. Stop signals are recorded from the first line to the
-    process's end: one received while the run is built stops it cleanly, not at once, and the SIGTERM
-    a launcher sends when another rank failed cannot cut this rank's own traceback short. The process
-    ends with its status but without interpreter finalization, where gloo's threads can abort a
-    finished run (`cli.run_without_finalizing`)."""
+    """The console script and `python -m train`. SIGTERM is recorded from the first line until the run
+    has ended: one received while the run is built stops it cleanly, not at once, and the SIGTERM a
+    launcher sends when another rank failed cannot cut this rank's own traceback short. The process
+    then ends with its status but without interpreter finalization, where gloo's threads can abort a
+    finished run (`cli.run_without_finalizing`, which gives SIGTERM its default action back)."""
     preemption.listen()
     run_without_finalizing(_main)
 

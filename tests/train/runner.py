@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,9 +46,9 @@ def module_cmd(
 
 
 def run_tree(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """`subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)`, except that a timeout kills the
-    whole process tree, the launcher's trainers too (not the runner alone): a hung launch must not
-    load the machine for the tests after it."""
+    """`subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)`, except that a timeout (or an
+    interrupted test) kills the whole process tree, the launcher's trainers too, not the runner alone:
+    a hung launch must not load the machine for the tests after it."""
     with subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -59,9 +60,12 @@ def run_tree(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedP
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            if isinstance(e, subprocess.TimeoutExpired):
+                e.stdout, e.stderr = out, err
             raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -109,26 +109,29 @@ def message(e: BaseException) -> str:
 
 
 def run_without_finalizing(main: Callable[[], object]) -> NoReturn:
-    """Call `main` and end the process with the status an uncaught end would give: 0; a `SystemExit`'s
-    code (`--help`, a refused input's 2); 1 after an exception's traceback. KeyboardInterrupt is left to
-    the interpreter, which reports it by the signal. See `exit_without_finalizing` for why."""
+    """Call `main` and end the process as an uncaught end would: status 0; a `SystemExit`'s code
+    (`--help`, a refused input's 2); 1 after an exception's traceback; after a KeyboardInterrupt's
+    traceback, death by SIGINT, which is how the interpreter reports it to a shell. See
+    `exit_without_finalizing` for why."""
     try:
         main()
     except SystemExit as e:
         status = e.code
-    except Exception as e:
+    except BaseException as e:
         # kept for the end, as the interpreter keeps them: the failed run's objects are not torn down
         sys.last_type, sys.last_value, sys.last_traceback = type(e), e, e.__traceback__
         if sys.version_info >= (3, 12):
             sys.last_exc = e
         sys.excepthook(type(e), e, e.__traceback__)
-        status = 1
+        exit_without_finalizing(1, by_signal=signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
     else:
         status = 0
     exit_without_finalizing(status)
 
 
-def exit_without_finalizing(status: int | str | None = 0) -> NoReturn:
+def exit_without_finalizing(
+    status: int | str | None = 0, by_signal: signal.Signals | None = None
+) -> NoReturn:
     """End the process as `sys.exit(status)` would, less the interpreter's finalization.
 
     A normal exit joins the non-daemon threads, runs the exit handlers, then finalizes the interpreter,
@@ -144,7 +147,8 @@ def exit_without_finalizing(status: int | str | None = 0) -> NoReturn:
     ends the process before finalization. SIGTERM gets its default action back first, so a step that
     hangs can still be stopped. Under a profiler or debugger (`python -m cProfile`, `pdb`) the exit is
     a normal one, so they can write their results. `status` is read as `SystemExit` reads it: None is 0,
-    a string is printed on stderr and gives 1.
+    a string is printed on stderr and gives 1. With `by_signal`, the process ends by that signal's
+    default action instead (`status` if it survives it).
     """
     if sys.gettrace() is not None or sys.getprofile() is not None:
         raise SystemExit(status)
@@ -163,6 +167,9 @@ def exit_without_finalizing(status: int | str | None = 0) -> NoReturn:
                 stream.flush()
     with contextlib.suppress(Exception):
         ctypes.CDLL(None).fflush(None)
+    if by_signal is not None:
+        signal.signal(by_signal, signal.SIG_DFL)
+        os.kill(os.getpid(), by_signal)
     os._exit(status & 0xFF)
 
 

@@ -113,6 +113,8 @@ def run_without_finalizing(main: Callable[[], object]) -> NoReturn:
     (`--help`, a refused input's 2); 1 after an exception's traceback; after a KeyboardInterrupt's
     traceback, death by SIGINT, which is how the interpreter reports it to a shell. See
     `exit_without_finalizing` for why."""
+    status: int | str | None = 0
+    by_signal = None
     try:
         main()
     except SystemExit as e:
@@ -123,10 +125,8 @@ def run_without_finalizing(main: Callable[[], object]) -> NoReturn:
         if sys.version_info >= (3, 12):
             sys.last_exc = e
         sys.excepthook(type(e), e, e.__traceback__)
-        exit_without_finalizing(1, by_signal=signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
-    else:
-        status = 0
-    exit_without_finalizing(status)
+        status, by_signal = 1, (signal.SIGINT if isinstance(e, KeyboardInterrupt) else None)
+    exit_without_finalizing(status, by_signal)
 
 
 def exit_without_finalizing(
